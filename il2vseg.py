@@ -395,7 +395,7 @@ def loss_terms(backbone, model, images, cfg, generator):
     terms["smo"] = losses.smoothness_loss(feats, probs, cfg.shift_close, cfg.shift_far, perm=perm)
     corr = losses.correspondence_terms(feats, codes, feats_aug, codes_aug, shifts=cfg.corr_shifts,
                                        weights=cfg.corr_weights, generator=generator)
-    terms["corr"] = corr["total"]
+    terms["corr"] = corr["corr"]
     small = fcm.downsample(images, patch=backbone.patch)  # (B, 3, h, w) colours for the pixel similarity
     terms["fs"], terms["reg"] = losses.feature_similarity_losses(codes, f_fused, small)  # eq (14)
     return terms
@@ -476,6 +476,22 @@ def batches_for_steps(n_items, batch_size, seed, start_step, n_steps):
         yield [(epoch, int(i)) for i in order[position * batch_size:(position + 1) * batch_size]]
 
 
+class EpochItems(torch.utils.data.Dataset):
+    """dataset[(epoch, index)]: the item as drawn in that epoch (its random crop and flip are
+    seeded by (seed, epoch, index) in data.py), also inside DataLoader worker processes."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
 def make_optimiser(model, cfg):
     return torch.optim.Adam([
         {"params": model.head.parameters(), "lr": cfg.lr_head},
@@ -491,7 +507,6 @@ def checkpoint_state(model, optimiser, step, generator, cfg, n_clusters):
 
 def train(backbone, model, dataset, cfg, device, log=print):
     """Train the head and centres for cfg.steps steps; returns the list of total losses per step."""
-    import data
     import losses
 
     out = Path(cfg.out)
@@ -516,9 +531,13 @@ def train(backbone, model, dataset, cfg, device, log=print):
     model.train()
     history = []
     seen, started = 0, time.time()
-    batches = batches_for_steps(len(dataset), cfg.batch_size, cfg.seed, start_step, cfg.steps)
-    for step, batch_index in zip(range(start_step, cfg.steps), batches):
-        batch = data.collate([dataset.get(i, epoch=epoch) for epoch, i in batch_index])
+    batches = list(batches_for_steps(len(dataset), cfg.batch_size, cfg.seed, start_step, cfg.steps))
+    # the loader gets its own generator: creating its iterator must not draw from the global RNG,
+    # or a resumed run would see other dropout masks than an uninterrupted one
+    loader = torch.utils.data.DataLoader(EpochItems(dataset), batch_sampler=batches,
+                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    for step, batch in zip(range(start_step, cfg.steps), loader):
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) in [0, 1]
         terms = loss_terms(backbone, model, images, cfg, generator)
         try:
@@ -530,14 +549,14 @@ def train(backbone, model, dataset, cfg, device, log=print):
         total.backward()
         optimiser.step()
         ema_update(model.global_centres, model.local_centres, cfg.ema)
-        history.append(float(total))
+        history.append(values["total"])
         seen += images.shape[0]
 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps or done == start_step + 1:
             rate = seen / max(time.time() - started, 1e-9)
             parts = " ".join(f"{k} {v:+.4f}" for k, v in values.items())
-            log(f"step {done}/{cfg.steps} | loss {float(total):+.4f} | {parts} | {rate:.1f} img/s")
+            log(f"step {done}/{cfg.steps} | {parts} | {rate:.1f} img/s")
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_checkpoint(checkpoint_state(model, optimiser, done, generator, cfg, model.local_centres.shape[0]),
                             checkpoint_path)
@@ -591,26 +610,45 @@ def run_evaluation(backbone, model, cfg, device, out_dir, log=print):
     return result
 
 
+class PredictImages(torch.utils.data.Dataset):
+    """Every image of a folder, resized so that its short side is `short` and both sides are
+    multiples of `patch` (the ViT needs that); items {"image": (3, H, W) in [0, 1], "name": stem}."""
+
+    def __init__(self, folder, short, patch):
+        import data
+        self.paths = data.list_images(folder, "a folder of image files")
+        self.short, self.patch = short, patch
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        import data
+        array, note = data.read_rgb(self.paths[index])
+        if note:
+            print(f"note: {note}")
+        image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)  # (3, H, W)
+        image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+        height, width = image.shape[1:]
+        scale = self.short / min(height, width)
+        size = [max(self.patch, round(side * scale / self.patch) * self.patch) for side in (height, width)]
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        return {"image": image.clamp(0, 1), "name": self.paths[index].stem}
+
+
 def predict_folder(backbone, model, cfg, device, folder, out_dir, log=print):
-    """--predict FOLDER: a colour mask and an overlay per image, clusters = the global centres."""
-    import data
+    """--predict FOLDER: a colour mask and an overlay per image; the clusters are the global
+    centres (the head's own clusters, no labels needed), shown in the fixed palette."""
     import evaluate
 
-    folder = Path(folder)
-    if not folder.is_dir():
+    if not Path(folder).is_dir():
         raise ValueError(f"--predict {folder}: no such folder")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_EXTENSIONS)
-    if not paths:
-        raise ValueError(f"--predict {folder}: no images ({', '.join(sorted(data.IMAGE_EXTENSIONS))}) in it")
-    code_fn = make_code_fn(backbone, model)
-    for path in paths:
-        image = data.load_image(path)  # (3, H, W) in [0, 1]
-        padded = data.pad_to_multiple(image, backbone.patch)  # (3, H', W')
-        codes = code_fn(padded[None].to(device))
-        log_probs = evaluate.cluster_log_probs(codes, model.global_centres.to(device), size=padded.shape[-2:])
-        pred = log_probs.argmax(1)[0, :image.shape[1], :image.shape[2]].cpu()  # (H, W)
-        evaluate.save_mask_and_overlay(out_dir, path.stem, image, pred)
-    log(f"wrote masks and overlays of {len(paths)} images to {out_dir}")
+    images = PredictImages(folder, cfg.eval_crop, backbone.patch)
+    loader = torch.utils.data.DataLoader(images, batch_size=1, num_workers=cfg.num_workers)
+    paths = evaluate.predict_folder(make_code_fn(backbone, model), loader, model.global_centres, out_dir,
+                                    device=device, use_crf=not cfg.no_crf, flip=cfg.flip_tta)
+    log(f"wrote {len(paths)} files for {len(images)} images to {out_dir}")
+    return paths
 
 
 LOSS_ABLATION = [  # the rows of the paper's Table 4 (the data term always goes with L_smo)
@@ -713,14 +751,16 @@ def resolve_defaults(cfg, device):
         raise ValueError("--data folder needs --n-classes K")
     if not 0.0 <= cfg.alpha <= 1.0 or not 0.0 <= cfg.eval_alpha <= 1.0:
         raise ValueError("--alpha and --eval-alpha must lie in [0, 1]")
+    if cfg.smooth_temperature <= 0:
+        raise ValueError("--smooth-temperature must be > 0")
     if cfg.fcm_sigma is None:
         cfg.fcm_sigma = fcm_default("sigma")
     if cfg.fcm_iters is None:
         cfg.fcm_iters = fcm_default("max_iter")
-    smooth = losses.SMOOTH_SHIFTS.get(cfg.data, losses.SMOOTH_SHIFTS["default"])
-    cfg.shift_close, cfg.shift_far = smooth["close"], smooth["far"]
-    corr = losses.CORR_CONSTANTS.get(cfg.data, losses.CORR_CONSTANTS["default"])
-    cfg.corr_shifts, cfg.corr_weights = corr["shifts"], corr["weights"]
+    constants = losses.loss_constants(cfg.data)  # the peers' tuned shifts and weights
+    cfg.shift_close = constants["smooseg_shifts"]["close"]
+    cfg.shift_far = constants["smooseg_shifts"]["far"]
+    cfg.corr_shifts, cfg.corr_weights = constants["stego_shifts"], constants["stego_weights"]
     return cfg
 
 

@@ -1,0 +1,153 @@
+"""Speed benchmarks of il2vseg (not tests): prints one table.
+
+    python bench.py                 # on CUDA when present, else a reduced CPU set
+    python bench.py --camvid DIR    # use a real 480x360 CamVid frame for the CRF rows
+
+Rows: the ViT-S/8 forward (bf16 on CUDA; timm's ViT beside it when timm happens to be installed,
+it is never a dependency), the low-level branch (FCM + colour affinity + A·P, eqs 1-12), one
+training step split into backbone / low-level branch / head + losses + update, the dense CRF, and
+the cosine k-means of the evaluation. Targets (from the issues) are printed beside each row.
+"""
+import argparse
+import datetime
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import crf
+import data
+import evaluate
+import fcm
+import il2vseg
+
+
+def timed(fn, device, repeat=10, warmup=3):
+    """Median wall time of fn() in milliseconds, synchronising CUDA around every call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def training_config(args, n_classes):
+    cfg = il2vseg.parse_args(["--data", "cityscapes", "--weights", "random"])
+    cfg.batch_size = args.batch
+    il2vseg.resolve_defaults(cfg, torch.device("cpu"))  # fills the loss constants only
+    return cfg
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 32 on CUDA, 4 on the CPU)")
+    parser.add_argument("--camvid", default=None, help="folder with CamVid frames for the CRF rows")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the ViT")
+    args = parser.parse_args()
+    device = il2vseg.pick_device(args.device)
+    cuda = device.type == "cuda"
+    args.batch = args.batch or (32 if cuda else 4)
+    torch.manual_seed(0)
+    rows = []  # (what, milliseconds, per, target)
+
+    def add(name, ms, per, target=""):
+        rows.append((name, ms, per, target))
+        print(f"  {name:<52} {ms:10.2f} ms  {per:<12} {target}", flush=True)
+
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"il2vseg bench, {datetime.date.today()}, {name}, torch {torch.__version__}, batch {args.batch}")
+
+    # ---- backbone forward
+    backbone = il2vseg.build_vit("vits8").to(device).eval().requires_grad_(False)
+    images224 = torch.rand(args.batch, 3, 224, 224, device=device)
+    add("ViT-S/8 forward 224x224 (ours, bf16 on CUDA)",
+        timed(lambda: il2vseg.backbone_features(backbone, images224), device), f"batch {args.batch}",
+        "<= timm (7.5 ms on H100, batch 32)" if cuda else "")
+    if args.compile:
+        compiled = torch.compile(backbone)
+        add("ViT-S/8 forward 224x224 (ours, torch.compile)",
+            timed(lambda: il2vseg.backbone_features(compiled, images224), device), f"batch {args.batch}")
+    try:
+        import timm  # optional: only for comparison, never a dependency
+        reference = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0).to(device).eval()
+        mean = images224.new_tensor(il2vseg.IMAGENET_MEAN).view(1, 3, 1, 1)
+
+        def timm_forward():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                return reference.forward_features(images224 - mean)
+        add("ViT-S/8 forward 224x224 (timm, same precision)", timed(timm_forward, device), f"batch {args.batch}")
+    except ImportError:
+        pass
+
+    # ---- low-level branch, eqs (1)-(12)
+    images320 = torch.rand(args.batch, 3, 320, 320, device=device)
+    ms = timed(lambda: fcm.low_level_cue(images320, 27), device, repeat=5)
+    add("low-level branch 320x320 (40x40 grid), K=27", ms, f"batch {args.batch}",
+        "< 5 ms on H100" if cuda else f"< 50 ms/img: {ms / args.batch:.1f} ms/img")
+
+    # ---- one training step, split
+    n_classes = 27
+    cfg = training_config(args, n_classes)
+    model = il2vseg.Segmenter(n_classes).to(device)
+    optimiser = il2vseg.make_optimiser(model, cfg)
+    generator = torch.Generator(device=device).manual_seed(0)
+    import losses
+
+    def step():
+        terms = il2vseg.loss_terms(backbone, model, images224, cfg, generator)
+        total, _ = losses.total_loss(terms, beta=cfg.beta, gamma=cfg.gamma)
+        optimiser.zero_grad(set_to_none=True)
+        total.backward()
+        optimiser.step()
+        il2vseg.ema_update(model.global_centres, model.local_centres, cfg.ema)
+
+    both = torch.cat([images224, images224])
+    t_backbone = timed(lambda: il2vseg.backbone_features(backbone, both), device, repeat=5)
+    t_low = timed(lambda: fcm.low_level_cue(images224, n_classes), device, repeat=5)
+    t_step = timed(step, device, repeat=5)
+    add("train step 224x224: backbone (image + jittered copy)", t_backbone, f"batch {args.batch}")
+    add("train step 224x224: low-level branch", t_low, f"batch {args.batch}", "< 10% of a step")
+    add("train step 224x224: head + losses + update", t_step - t_backbone - t_low, f"batch {args.batch}")
+    add("train step 224x224: total", t_step, f"batch {args.batch}",
+        f"{t_step / (t_backbone / 2):.2f}x one backbone pass (target <= 2x)")
+
+    # ---- dense CRF
+    frame = None
+    if args.camvid:
+        paths = sorted(Path(args.camvid).glob("*.png"))
+        if paths:
+            frame = data.load_image(paths[0])  # (3, 360, 480) in [0, 1]
+    if frame is None:
+        frame = torch.rand(3, 360, 480)
+    for (h, w), k in (((360, 480), 11), ((320, 320), 27)):
+        image = (frame[:, :h, :w] * 255).round().to(torch.uint8)[None].to(device)
+        probs = torch.softmax(torch.randn(1, k, h // 8, w // 8, device=device) * 3, dim=1)
+        probs = torch.nn.functional.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+        ms = timed(lambda: crf.dense_crf(image, probs), device, repeat=3, warmup=1)
+        add(f"dense CRF {w}x{h}, K={k}, 10 iterations", ms, "image",
+            "< 20 ms on H100" if cuda else "<= 1000 ms (C++ reference, 1 core)")
+
+    # ---- k-means over 500 images' codes
+    n_images = 500 if cuda else 50
+    codes = torch.randn(n_images * 40 * 40, 64, device=device)
+    ms = timed(lambda: evaluate.kmeans_cosine(codes, 27, seed=0), device, repeat=3, warmup=1)
+    add(f"cosine k-means, {n_images} images x 40x40 codes, K=27", ms, "all", "< 2000 ms on GPU" if cuda else "")
+
+    print()
+    print(f"| what | time | per | target |  ({datetime.date.today()}, {name}, {platform.python_version()})")
+    print("|---|---:|---|---|")
+    for what, ms, per, target in rows:
+        print(f"| {what} | {ms:.2f} ms | {per} | {target} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,564 @@
+"""Training losses of IL2Vseg: the paper's "Loss Function" section, eqs (14) and (15).
+
+The paper's total loss (eq 15) is
+
+    L_total = beta * L_reg + gamma * L_fs + L_smo + L_corr
+
+with beta = 0.05 and gamma = 0.1 ("Implementation Details"). The paper gives no formula for any of
+the four terms; this file writes each one down:
+
+- L_smo : SmooSeg's smoothness loss (Lan et al. 2024), `smoothness_loss`. SmooSeg's energy is
+          data + smoothness, so SmooSeg's data term (`data_loss`, cross-entropy of the local centres
+          against the global argmax) belongs with it: it is the only term that trains the local
+          centres (the head only gets gradient through the global branch).
+- L_corr: STEGO's correspondence distillation loss (Hamilton et al. 2022), `correspondence_loss`,
+          applied between an image and (a) itself, (b) its colour/luminosity-jittered copy Ĩ (the
+          paper's "contrast loss based on colour and luminosity invariance") and (c) other images of
+          the batch as negatives: `correspondence_terms`.
+- L_fs, L_reg: eq (14), `feature_similarity_losses`. The paper only says that a feature-similarity
+          matrix and a pixel-similarity matrix are combined with the Gram matrix projection of the
+          fused map F_f; the exact interpretation implemented here is written in that docstring.
+- `total_loss` sums them (eq 15) with one switch per term for the ablation of Table 4 and stops with
+  a one-line `FloatingPointError` naming the term that is NaN / inf.
+
+Constants (shifts and weights) of the peers, per data set: `STEGO_WEIGHTS`, `STEGO_SHIFTS`,
+`SMOOSEG_SHIFTS`, looked up with `loss_constants(dataset_name)`.
+
+Conventions: all functions take tensors and work on the inputs' device; computations are done in at
+least float32 (float64 stays float64), so bf16/fp16 inputs under autocast do not lose the cosines.
+Only torch is needed.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-data-set constants of the peers (../shared/docs/anchors.md)
+# ------------------------------------------------------------------------------------------------
+
+# STEGO correspondence loss, ViT-S/8 configurations. Keys: "pos_intra" = image with itself,
+# "pos_inter" = image with a positive partner (here: its photometric copy Ĩ), "neg_inter" = image with
+# other images of the batch.
+STEGO_WEIGHTS = {
+    "cocostuff": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
+    "cityscapes": {"pos_intra": 1.0, "pos_inter": 0.577, "neg_inter": 0.906},
+    "potsdam": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
+    # Any other data set (MaSTr1325, your own folder): no peer tuned one, so we fall back to the
+    # COCO-Stuff values, the most varied natural-image set the peers tuned on.
+    "default": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
+}
+STEGO_SHIFTS = {
+    "cocostuff": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.66},
+    "cityscapes": {"pos_intra": 0.458, "pos_inter": 0.175, "neg_inter": 0.314},
+    "potsdam": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.46},
+    "default": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.66},
+}
+
+# SmooSeg smoothness loss: "close" = b_close (image with itself), "far" = b_far (image with another).
+# The Potsdam values were tuned by SmooSeg for a ViT-B/8 backbone (no ViT-S/8 values are published).
+SMOOSEG_SHIFTS = {
+    "cocostuff": {"close": -0.02, "far": 0.48},
+    "cityscapes": {"close": -0.02, "far": 0.5},
+    "potsdam": {"close": 0.1, "far": 0.5},
+    "default": {"close": -0.02, "far": 0.48},
+}
+
+# SmooSeg's temperature for the cluster probabilities of the smoothness loss:
+# probs = softmax(inner_global / SMOOSEG_TEMPERATURE) over the clusters (computed by the caller).
+SMOOSEG_TEMPERATURE = 0.1
+
+
+def loss_constants(dataset):
+    """Peer constants for a data set name, e.g. "cityscapes", "cocostuff27", "potsdam", "mastr1325".
+
+    Returns {"stego_weights": {...}, "stego_shifts": {...}, "smooseg_shifts": {...}} (copies).
+    Names are matched by prefix ("cocostuff27" -> "cocostuff", "coco..." -> "cocostuff");
+    anything else gets the "default" entry.
+    """
+    name = str(dataset).lower()
+    key = "default"
+    for known in ("cityscapes", "cocostuff", "potsdam"):
+        if name.startswith(known):
+            key = known
+    if key == "default" and name.startswith("coco"):
+        key = "cocostuff"
+    return {
+        "stego_weights": dict(STEGO_WEIGHTS[key]),
+        "stego_shifts": dict(STEGO_SHIFTS[key]),
+        "smooseg_shifts": dict(SMOOSEG_SHIFTS[key]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------------
+
+def _compute_dtype(t):
+    """At least float32: bf16/fp16 cosines are too coarse for these losses; float64 stays float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _check_4d(name, t):
+    if not torch.is_tensor(t) or t.dim() != 4:
+        shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise ValueError(f"{name} must be a 4-D tensor (B, C, h, w), got {shape}")
+
+
+def _flat_unit(t):
+    """(B, C, h, w) -> (B, C, N) with every column (pixel) L2-normalised over C."""
+    return F.normalize(t.to(_compute_dtype(t)).flatten(2), dim=1)
+
+
+def _no_autocast(t):
+    """Context that switches autocast off on t's device: under AMP, bmm would run in bf16/fp16."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _unit_dot(unit_a, unit_b):
+    """(B, C, Na), (B, C, Nb) with unit columns -> (B, Na, Nb) of their dot products (cosines)."""
+    with _no_autocast(unit_a):
+        return torch.bmm(unit_a.transpose(1, 2), unit_b)  # (B, Na, Nb)
+
+
+def _cosine(a, b):
+    """Cosine similarity of every pixel of a with every pixel of b.
+
+    a (B, C, ha, wa), b (B, C, hb, wb) -> (B, Na, Nb), Na = ha*wa, Nb = hb*wb.
+    """
+    return _unit_dot(_flat_unit(a), _flat_unit(b))  # (B, Na, Nb)
+
+
+def _draw_device(generator):
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _to_device(t, device):
+    """Move a freshly drawn tensor to `device` without a device-wide sync (staged host copy)."""
+    return t if device is None else t.to(device, non_blocking=True)
+
+
+def derangements(count, B, generator=None, device=None):
+    """`count` random permutations of range(B), none with a fixed point: (count, B) long.
+
+    Used to pair every image of a batch with a *different* image. Each row is a uniformly random
+    order of the batch (argsort of uniform numbers, one draw for all rows) in which every image is
+    sent to the next one: a random B-cycle. No rejection loop; not every derangement is reachable
+    (e.g. two swaps for B = 4), which does not matter for drawing negatives.
+
+    generator: torch.Generator or None (torch's default generator). Drawn on the generator's device
+    (CPU when None) and moved to `device` (default: the draw device), so a CPU generator gives the
+    same permutations on CPU and CUDA.
+    """
+    if int(B) < 2:
+        raise ValueError(f"derangement needs a batch of at least 2 images, got B={B}")
+    noise = torch.rand(int(count), int(B), generator=generator, device=_draw_device(generator))
+    order = noise.argsort(dim=1)  # (count, B) random orders of the batch
+    perm = torch.empty_like(order)
+    perm.scatter_(1, order, order.roll(shifts=-1, dims=1))  # image order[i] -> image order[i+1]
+    return _to_device(perm, device)  # (count, B)
+
+
+def derangement(B, generator=None, device=None):
+    """One random permutation of range(B) with no fixed points (perm[i] != i): (B,) long.
+
+    Same as derangements(1, B, generator, device)[0]; see there.
+    """
+    return derangements(1, B, generator, device)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Frozen-feature affinity (SmooSeg and STEGO)
+# ------------------------------------------------------------------------------------------------
+
+def feature_affinity(feats_a, feats_b):
+    """Centred cosine affinity of frozen backbone features (SmooSeg's fd, STEGO's F), no grad.
+
+    feats_a (B, C, ha, wa), feats_b (B, C, hb, wb) -> (B, Na, Nb):
+        fd_ij  = cos(f_i, g_j)                      for every pixel i of a and j of b
+        fd_ij -= mean_j fd_ij                       (each row centred: "pointwise" normalisation)
+        fd     = fd - mean(fd) + old_mean           (old_mean = mean of the raw fd over the whole
+                                                     tensor, all images of the batch, as the peers do)
+    After the row centring the tensor's mean is 0 up to rounding, so the result is the row-centred
+    cosine shifted to the raw global mean: the shifts b of the losses keep their meaning.
+    """
+    _check_4d("feats_a", feats_a)
+    _check_4d("feats_b", feats_b)
+    if feats_a.shape[:2] != feats_b.shape[:2]:
+        raise ValueError(f"feature_affinity: feats_a {tuple(feats_a.shape)} and feats_b "
+                         f"{tuple(feats_b.shape)} differ in batch size or channels")
+    return _centred_affinity(feats_a, feats_b, groups=1)  # (B, Na, Nb)
+
+
+def _centred_affinity(feats_a, feats_b, groups):
+    """feature_affinity where the batch is `groups` equal consecutive chunks, each centred on its
+    own raw mean: the result for chunk g equals feature_affinity on chunk g alone (lets several
+    pairings be computed in one batched call)."""
+    with torch.no_grad():
+        affinity = _cosine(feats_a, feats_b)  # (G*B, Na, Nb)
+        affinity = affinity.unflatten(0, (groups, -1))  # (G, B, Na, Nb)
+        old_mean = affinity.mean(dim=(1, 2, 3), keepdim=True)  # (G, 1, 1, 1)
+        affinity = affinity - affinity.mean(dim=3, keepdim=True)  # centre every row over j
+        affinity = affinity - affinity.mean(dim=(1, 2, 3), keepdim=True) + old_mean
+    return affinity.flatten(0, 1)  # (G*B, Na, Nb)
+
+
+# ------------------------------------------------------------------------------------------------
+# SmooSeg: smoothness (L_smo of eq 15) and data term
+# ------------------------------------------------------------------------------------------------
+
+def smoothness_loss(feats, probs, shift_close, shift_far, perm=None, generator=None):
+    """SmooSeg's smoothness loss L_smo (Lan et al. 2024), the L_smo of eq (15).
+
+    feats (B, C, h, w): frozen backbone features (no gradient is taken through them).
+    probs (B, K, h, w): cluster probabilities P = softmax(inner_global / SMOOSEG_TEMPERATURE) over K,
+        computed by the caller (inner_global = cos(code, global centres)); gradient flows into it.
+    shift_close, shift_far: b_close, b_far (SMOOSEG_SHIFTS).
+    perm: (B,) long, a permutation of the batch without fixed points pairing each image with another
+        one; None draws one with `derangement(B, generator)`.
+
+        fd       = feature_affinity(.,.)                     centred cosine, no grad   (B, N, N)
+        cd_ij    = 1 - cos(P_i, P_j)                         label distance in [0, 1]  (B, N, N)
+        L_smo    = mean[(fd(x, x) - b_close) * cd(x, x)]                 image with itself
+                 + mean[(fd(x, x_perm) - b_far) * cd(x, x_perm)]         image with another image
+    Pairs whose features are more alike than b pull their label distributions together, the others
+    push them apart. With B == 1 there is no other image: the far term is skipped (close term only).
+    Returns a scalar.
+    """
+    _check_4d("feats", feats)
+    _check_4d("probs", probs)
+    if feats.shape[0] != probs.shape[0] or feats.shape[2:] != probs.shape[2:]:
+        raise ValueError(f"smoothness_loss: feats {tuple(feats.shape)} and probs "
+                         f"{tuple(probs.shape)} must share batch size and grid size")
+    batch = feats.shape[0]
+    probs_unit = _flat_unit(probs)  # (B, K, N)
+
+    if batch == 1:  # no other image in the batch: far term skipped
+        affinity_close = feature_affinity(feats, feats)  # (1, N, N)
+        label_distance_close = 1 - _unit_dot(probs_unit, probs_unit)  # (1, N, N)
+        return ((affinity_close - shift_close) * label_distance_close).mean()  # L_smo, eq (15)
+
+    if perm is None:
+        perm = derangement(batch, generator, feats.device)  # (B,)
+    else:  # a caller's permutation is checked (one small device sync)
+        perm = torch.as_tensor(perm, device=feats.device).long()
+        if perm.shape != (batch,) or (perm == torch.arange(batch, device=perm.device)).any():
+            raise ValueError(f"smoothness_loss: perm must be a permutation of the {batch} images "
+                             f"with no fixed points, got {perm.tolist()}")
+
+    # both pairings in one batched call: chunk 0 = image with itself, chunk 1 = with image perm[b]
+    # (each chunk centred on its own mean, exactly as two separate feature_affinity calls)
+    affinity = _centred_affinity(feats.repeat(2, 1, 1, 1), torch.cat([feats, feats[perm]]),
+                                 groups=2)  # (2B, N, N)
+    label_distance = 1 - _unit_dot(probs_unit.repeat(2, 1, 1),
+                                   torch.cat([probs_unit, probs_unit[perm]]))  # (2B, N, N)
+    shift = torch.tensor([shift_close, shift_far], dtype=affinity.dtype, device=affinity.device)
+    shift = shift.repeat_interleave(batch)[:, None, None]  # (2B, 1, 1)
+    terms = ((affinity - shift) * label_distance).unflatten(0, (2, batch)).mean(dim=(1, 2, 3))
+    return terms.sum()  # L_smo of eq (15): close term + far term
+
+
+def data_loss(inner_local, inner_global, temperature=1.0):
+    """SmooSeg's data term: cross-entropy of the local-centre logits against the global argmax.
+
+    inner_local  (B, K, h, w) = cos(code.detach(), local centres)  -> trains the local centres
+    inner_global (B, K, h, w) = cos(code, global centres.detach())  -> only its argmax is used
+        target_i = argmax_k inner_global[k, i]          (no gradient through the target)
+        L_data   = mean_i CE(inner_local[:, i] / temperature, target_i)
+    Temperature: SmooSeg feeds the raw cosines in [-1, 1] as logits, i.e. temperature = 1.0, the
+    default here (a smaller value sharpens the softmax and scales the gradient by 1/temperature).
+    SmooSeg's energy is data + smoothness; this term goes with L_smo in eq (15).
+    Returns a scalar.
+    """
+    _check_4d("inner_local", inner_local)
+    _check_4d("inner_global", inner_global)
+    if inner_local.shape != inner_global.shape:
+        raise ValueError(f"data_loss: inner_local {tuple(inner_local.shape)} and inner_global "
+                         f"{tuple(inner_global.shape)} must have the same shape")
+    if not temperature > 0:
+        raise ValueError(f"data_loss: temperature must be > 0, got {temperature}")
+    target = inner_global.detach().argmax(dim=1)  # (B, h, w)
+    logits = inner_local.to(_compute_dtype(inner_local)) / temperature  # (B, K, h, w)
+    return F.cross_entropy(logits, target)
+
+
+# ------------------------------------------------------------------------------------------------
+# STEGO: correspondence distillation (L_corr of eq 15)
+# ------------------------------------------------------------------------------------------------
+
+def random_coords(B, n, generator=None, device=None):
+    """Random sampling positions for grid_sample: (B, n, n, 2) uniform in [-1, 1].
+
+    Last axis is (x, y) in grid_sample's convention (-1 = left/top edge centre, +1 = right/bottom,
+    align_corners=True). Drawn on the generator's device (CPU when None) and moved to `device`, so a
+    CPU generator gives the same points on CPU and CUDA.
+    """
+    coords = torch.rand(int(B), int(n), int(n), 2, generator=generator,
+                        device=_draw_device(generator))
+    return _to_device(coords * 2 - 1, device)  # (B, n, n, 2)
+
+
+def sample_points(t, coords):
+    """Bilinear samples of t at coords: t (B, C, h, w), coords (B, n, m, 2) -> (B, C, n, m).
+
+    grid_sample with align_corners=True (-1 and +1 are the centres of the corner pixels) and
+    padding 'border', as STEGO does.
+    """
+    _check_4d("t", t)
+    if coords.dim() != 4 or coords.shape[-1] != 2 or coords.shape[0] != t.shape[0]:
+        raise ValueError(f"sample_points: coords must be (B, n, m, 2) with B={t.shape[0]}, "
+                         f"got {tuple(coords.shape)}")
+    return F.grid_sample(t, coords.to(t.dtype), mode="bilinear", padding_mode="border",
+                         align_corners=True)  # (B, C, n, m)
+
+
+def correspondence_loss(feats_a, feats_b, codes_a, codes_b, shift):
+    """STEGO's correspondence distillation loss on already-sampled points.
+
+    feats_a (B, C, na, ma), feats_b (B, C, nb, mb): frozen features (no gradient).
+    codes_a (B, D, na, ma), codes_b (B, D, nb, mb): head outputs (gradient flows).
+        F_ij = feature_affinity(feats_a, feats_b)   centred cosine, no grad    (B, Na, Nb)
+        S_ij = cos(code_a_i, code_b_j)                                         (B, Na, Nb)
+        L    = mean[ -max(S_ij, 0) * (F_ij - shift) ]
+    Pairs with F above the shift are pulled together (S up lowers L), pairs below are pushed apart
+    until their codes are orthogonal (the clamp stops the push at S = 0). Raising the shift raises L.
+    Returns a scalar.
+    """
+    _check_4d("codes_a", codes_a)
+    _check_4d("codes_b", codes_b)
+    if codes_a.shape[2:] != feats_a.shape[2:] or codes_b.shape[2:] != feats_b.shape[2:]:
+        raise ValueError("correspondence_loss: codes and feats must be sampled at the same points, "
+                         f"got feats {tuple(feats_a.shape)}/{tuple(feats_b.shape)} and codes "
+                         f"{tuple(codes_a.shape)}/{tuple(codes_b.shape)}")
+    if feats_a.shape[0] != codes_a.shape[0] or feats_b.shape[0] != codes_b.shape[0]:
+        raise ValueError("correspondence_loss: feats and codes must have the same batch size")
+    return _correspondence_per_group(feats_a, feats_b, codes_a, codes_b, [shift])[0]
+
+
+def _correspondence_per_group(feats_a, feats_b, codes_a, codes_b, shifts):
+    """correspondence_loss for G pairings at once: the batch is G equal consecutive chunks, chunk g
+    with shift shifts[g]. Returns (G,): entry g equals correspondence_loss on chunk g alone."""
+    groups = len(shifts)
+    affinity = _centred_affinity(feats_a, feats_b, groups)  # (G*B, Na, Nb), no grad
+    code_similarity = _cosine(codes_a, codes_b)  # (G*B, Na, Nb)
+    shift = torch.as_tensor(shifts, dtype=affinity.dtype, device=affinity.device)  # (G,)
+    shift = shift.repeat_interleave(affinity.shape[0] // groups)[:, None, None]  # (G*B, 1, 1)
+    loss = -code_similarity.clamp(min=0) * (affinity - shift)  # L_corr of eq (15), (G*B, Na, Nb)
+    return loss.unflatten(0, (groups, -1)).mean(dim=(1, 2, 3))  # (G,)
+
+
+def correspondence_terms(feats, codes, feats_aug, codes_aug, shifts, weights, generator=None,
+                         n_points=11, n_negatives=5):
+    """The three correspondence terms of IL2Vseg and their weighted sum L_corr (eq 15).
+
+    feats (B, C, h, w), codes (B, D, h, w): frozen features and head codes of the images I.
+    feats_aug, codes_aug: the same for the colour/luminosity-jittered images Ĩ (None: term (b) is 0).
+    shifts, weights: dicts with keys "pos_intra", "pos_inter", "neg_inter" (STEGO_SHIFTS / _WEIGHTS).
+    generator: torch.Generator for the sampling points and negatives (None: torch's default).
+    n_points: n x n random points per image (STEGO: 11). n_negatives: permutations (STEGO: 5).
+
+    Two point sets are drawn per image, coords1 and coords2 ((B, n, n, 2) each), then
+      (a) "corr_intra": I at coords1 with I at coords2              shift/weight "pos_intra"
+      (b) "corr_aug"  : I at coords1 with Ĩ at coords2              shift/weight "pos_inter"
+          (the paper's contrast loss based on colour and luminosity invariance; it replaces STEGO's
+          kNN positive, so no kNN file is needed)
+      (c) "corr_neg"  : I at coords1 with I_perm at coords2, averaged over n_negatives derangements
+                                                                    shift/weight "neg_inter"
+          (B == 1: no other image, the term is 0)
+      "corr" = w_intra * (a) + w_inter * (b) + w_neg * (c)
+    Each pairing is exactly correspondence_loss(...) on its own (own centring mean, as STEGO's
+    separate calls); all pairings are evaluated in one batched call for speed.
+    Random draws, in this order: random_coords (coords1), random_coords (coords2), then
+    derangements(n_negatives, B) -- nothing forces a device sync.
+    Returns a dict of scalars {"corr_intra", "corr_aug", "corr_neg", "corr"}.
+    """
+    _check_4d("feats", feats)
+    _check_4d("codes", codes)
+    for key in ("pos_intra", "pos_inter", "neg_inter"):
+        if key not in shifts or key not in weights:
+            raise ValueError(f"correspondence_terms: shifts and weights need the key '{key}', "
+                             f"got shifts {sorted(shifts)} and weights {sorted(weights)}")
+    if (feats_aug is None) != (codes_aug is None):
+        raise ValueError("correspondence_terms: give both feats_aug and codes_aug, or neither")
+    batch = feats.shape[0]
+    device = feats.device
+
+    coords1 = random_coords(batch, n_points, generator, device)  # (B, n, n, 2)
+    coords2 = random_coords(batch, n_points, generator, device)  # (B, n, n, 2)
+    use_negatives = batch >= 2 and n_negatives > 0
+    perms = derangements(n_negatives, batch, generator, device) if use_negatives else None  # (G, B)
+
+    feats1 = sample_points(feats, coords1)  # (B, C, n, n)
+    codes1 = sample_points(codes, coords1)  # (B, D, n, n)
+    feats2 = sample_points(feats, coords2)  # (B, C, n, n)
+    codes2 = sample_points(codes, coords2)  # (B, D, n, n)
+
+    # partners of I at coords1, one chunk of B images per pairing
+    partner_feats, partner_codes, pair_shifts = [feats2], [codes2], [shifts["pos_intra"]]  # (a)
+    if feats_aug is not None:  # (b) the photometric copy Ĩ (pixel-aligned, other random points)
+        partner_feats.append(sample_points(feats_aug, coords2))  # (B, C, n, n)
+        partner_codes.append(sample_points(codes_aug, coords2))  # (B, D, n, n)
+        pair_shifts.append(shifts["pos_inter"])
+    if use_negatives:  # (c) other images of the batch
+        partner_feats.append(feats2[perms.flatten()])  # (n_neg*B, C, n, n)
+        partner_codes.append(codes2[perms.flatten()])  # (n_neg*B, D, n, n)
+        pair_shifts.extend([shifts["neg_inter"]] * int(n_negatives))
+    groups = len(pair_shifts)
+    per_pair = _correspondence_per_group(
+        feats1.repeat(groups, 1, 1, 1), torch.cat(partner_feats),
+        codes1.repeat(groups, 1, 1, 1), torch.cat(partner_codes), pair_shifts)  # (G,)
+
+    zero = codes1.sum() * 0.0
+    intra = per_pair[0]
+    aug = per_pair[1] if feats_aug is not None else zero
+    neg = per_pair[groups - int(n_negatives):].mean() if use_negatives else zero
+    total = (weights["pos_intra"] * intra + weights["pos_inter"] * aug
+             + weights["neg_inter"] * neg)  # L_corr of eq (15)
+    return {"corr_intra": intra, "corr_aug": aug, "corr_neg": neg, "corr": total}
+
+
+# ------------------------------------------------------------------------------------------------
+# Eq (14): feature-similarity loss L_fs and regulariser L_reg
+# ------------------------------------------------------------------------------------------------
+
+def feature_similarity_losses(codes, fused, image_small, tau=0.1, sigma_xy=3.0, sigma_rgb=0.1):
+    """Eq (14): L_fs, L_reg = f(F^c, F_f, I). Our interpretation of the paper's description.
+
+    Inputs, all on the feature grid (N = h*w pixels i):
+      codes       F^c (B, D, h, w)  head output h_theta(F^p)
+      fused       F_f (B, K, h, w)  fused map of eq (13)
+      image_small     (B, 3, h, w)  the image bilinearly downsampled to the grid, colours in [0, 1]
+
+      q_i      = softmax_k(F_f[:, i] / tau)                      Q (B, N, K), rows sum to 1
+      G        = Q Q^T                                           Gram projection (B, N, N)
+      Wfeat_ij = max(cos(F^c_i, F^c_j), 0)                        feature-similarity matrix
+      Wpix_ij  = exp(-|p_i - p_j|^2 / (2 sigma_xy^2) - |c_i - c_j|^2 / (2 sigma_rgb^2))
+                 p = (row, column) in grid cells, c = RGB colour:  pixel-similarity matrix
+      W        = Wfeat * Wpix with W_ii = 0                       no gradient (detached)
+      d_i      = sum_j W_ij
+
+      L_fs  = sum_ij W_ij |q_i - q_j|^2 / (2 sum_ij W_ij)
+            = (sum_i d_i |q_i|^2 - tr(Q^T W Q)) / sum_ij W_ij    (= sum_ij W_ij (G_ii - G_ij) / sum W)
+        a normalised graph-Laplacian smoothness: pixels that are similar in code, nearby and alike
+        in colour are pushed to the same fused distribution. In [0, 1]; 0 when all q_i are equal.
+      L_reg = (K |mean_i q_i|^2 - 1) / (K - 1)  =  (mean_ij G_ij - 1/K) / (1 - 1/K)
+        0 for perfectly balanced clusters, 1 when all pixels collapse into one cluster (K = 1: 0).
+        It is the regulariser that keeps L_fs from being minimised by the collapse. (Note that
+        uniform q_i = 1/K also give 0: confident assignments come from tau and the data term.)
+    Both are computed per image and averaged over the batch.
+
+    Defaults: tau = 0.1 (SmooSeg's cluster-probability temperature). sigma_rgb = 0.1: colours
+    further apart than ~0.3 (3 sigma) in [0, 1] RGB barely interact. sigma_xy = 3 grid cells (24
+    input pixels for a patch-8 backbone): neighbours 1 cell away weigh 0.95, 3 cells 0.61, 6 cells
+    0.14, 9 cells 0.01, so the pixel matrix encodes local spatial continuity over a few patches (a
+    wider 3x3-window neighbourhood than eq 5), while the feature matrix carries the semantics.
+    Memory: a few (B, N, N) matrices (B=32, 28x28 grid: about 80 MB each in float32).
+    Returns (L_fs, L_reg), two scalars; gradient flows into `fused` only.
+    """
+    _check_4d("codes", codes)
+    _check_4d("fused", fused)
+    _check_4d("image_small", image_small)
+    batch, n_clusters, height, width = fused.shape
+    if codes.shape[0] != batch or codes.shape[2:] != fused.shape[2:]:
+        raise ValueError(f"feature_similarity_losses: codes {tuple(codes.shape)} and fused "
+                         f"{tuple(fused.shape)} must share batch size and grid size")
+    if image_small.shape != (batch, 3, height, width):
+        raise ValueError(f"feature_similarity_losses: image_small must be (B, 3, h, w) = "
+                         f"{(batch, 3, height, width)} (downsample the image to the feature grid), "
+                         f"got {tuple(image_small.shape)}")
+    if not (tau > 0 and sigma_xy > 0 and sigma_rgb > 0):
+        raise ValueError(f"feature_similarity_losses: tau, sigma_xy, sigma_rgb must be > 0, "
+                         f"got {tau}, {sigma_xy}, {sigma_rgb}")
+    dtype = _compute_dtype(fused)
+    device = fused.device
+
+    probs = torch.softmax(fused.to(dtype) / tau, dim=1)  # (B, K, h, w)
+    q = probs.flatten(2).transpose(1, 2)  # Q (B, N, K)
+
+    with torch.no_grad():
+        # feature-similarity matrix from the codes
+        weights_feat = _cosine(codes, codes).to(dtype).clamp(min=0)  # (B, N, N)
+
+        # pixel-similarity matrix: grid positions and colours
+        rows = torch.arange(height, device=device, dtype=dtype).repeat_interleave(width)  # (N,)
+        cols = torch.arange(width, device=device, dtype=dtype).repeat(height)  # (N,)
+        distance_xy = ((rows[:, None] - rows[None, :]) ** 2
+                       + (cols[:, None] - cols[None, :]) ** 2)  # (N, N)
+        colours = image_small.to(dtype).flatten(2)  # (B, 3, N)
+        distance_rgb = torch.zeros_like(weights_feat)  # (B, N, N)
+        for channel in range(3):
+            values = colours[:, channel]  # (B, N)
+            distance_rgb += (values[:, :, None] - values[:, None, :]) ** 2
+        weights_pix = torch.exp(-distance_xy / (2 * sigma_xy ** 2)
+                                - distance_rgb / (2 * sigma_rgb ** 2))  # (B, N, N)
+
+        weights = weights_feat * weights_pix  # W (B, N, N)
+        weights.diagonal(dim1=1, dim2=2).zero_()
+        degree = weights.sum(dim=2)  # d (B, N)
+        total_weight = degree.sum(dim=1).clamp(min=torch.finfo(dtype).tiny)  # (B,)
+
+    # sum_ij W_ij |q_i - q_j|^2 = 2 sum_i d_i |q_i|^2 - 2 tr(Q^T W Q)   (W symmetric)
+    degree_term = (degree * q.pow(2).sum(dim=2)).sum(dim=1)  # (B,)
+    with _no_autocast(q):
+        trace_term = (q * torch.bmm(weights, q)).sum(dim=(1, 2))  # tr(Q^T W Q) (B,)
+    loss_fs = ((degree_term - trace_term) / total_weight).mean()  # eq (14), L_fs
+
+    if n_clusters == 1:
+        loss_reg = q.sum() * 0.0  # a single cluster cannot collapse: defined as 0
+    else:
+        mean_q = q.mean(dim=1)  # (B, K); |mean_q|^2 = mean_ij G_ij
+        loss_reg = ((n_clusters * mean_q.pow(2).sum(dim=1) - 1)
+                    / (n_clusters - 1)).mean()  # eq (14), L_reg
+    return loss_fs, loss_reg
+
+
+# ------------------------------------------------------------------------------------------------
+# Eq (15): the total loss
+# ------------------------------------------------------------------------------------------------
+
+# names of the terms in the dict given to total_loss
+TERM_NAMES = ("smo", "data", "fs", "reg", "corr")
+
+
+def total_loss(terms, beta=0.05, gamma=0.1, use_smo=True, use_fs=True, use_corr=True,
+               use_reg=True, use_data=True):
+    """Eq (15): L_total = beta * L_reg + gamma * L_fs + L_smo + L_corr  (+ SmooSeg's data term).
+
+    terms: dict of scalar tensors with the keys "smo", "data", "fs", "reg", "corr" (a switched-off
+        term may be missing). "data" is SmooSeg's data term: SmooSeg's energy is data + smoothness,
+        so it belongs with L_smo; eq (15) does not print it, use_data=False drops it.
+    use_*: switch a term off (the ablation of the paper's Table 4: L_smo, L_fs, L_corr).
+    Every used term must be finite, else FloatingPointError with one line naming the term.
+    Returns (total, values): total a scalar tensor with gradient, values a dict of python floats of
+    every scalar in `terms` plus "total" (for logging; one device sync for all of them).
+    """
+    switches = {"smo": use_smo, "data": use_data, "fs": use_fs, "reg": use_reg, "corr": use_corr}
+    coefficients = {"smo": 1.0, "data": 1.0, "fs": gamma, "reg": beta, "corr": 1.0}
+    used = [name for name in TERM_NAMES if switches[name]]
+    if not used:
+        raise ValueError("total_loss: every term is switched off; nothing to optimise")
+    for name in used:
+        if name not in terms:
+            raise ValueError(f"total_loss: term '{name}' is switched on but missing from terms "
+                             f"(got {sorted(terms)})")
+
+    # every scalar to python floats with one device sync
+    names = list(terms)
+    for name in names:
+        if torch.as_tensor(terms[name]).numel() != 1:
+            raise ValueError(f"total_loss: term '{name}' must be a scalar, got shape "
+                             f"{tuple(torch.as_tensor(terms[name]).shape)}")
+    device = next((terms[name].device for name in used if torch.is_tensor(terms[name])), "cpu")
+    stacked = torch.stack([torch.as_tensor(terms[name]).detach().float().reshape(()).to(device)
+                           for name in names])  # (n_terms,)
+    values = dict(zip(names, stacked.tolist()))
+    for name in used:
+        if not math.isfinite(values[name]):
+            raise FloatingPointError(f"loss term {name} is {values[name]} (not finite); stopping "
+                                     "(try a lower learning rate, AMP off, or check the batch)")
+
+    total = sum(coefficients[name] * terms[name] for name in used)  # eq (15)
+    values["total"] = sum(coefficients[name] * values[name] for name in used)
+    return total, values

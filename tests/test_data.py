@@ -1,0 +1,697 @@
+"""Tests of data.py: loaders on tiny trees in the official layouts, label tables, bad input, synthetic
+scenes, transforms, loaders and the photometric augmentation Ĩ (against slow per-pixel references)."""
+
+import colorsys
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+from data import IGNORE, DataError, build_dataset  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+# ------------------------------------------------------------------------------------------------
+# Published tables, written out literally
+# ------------------------------------------------------------------------------------------------
+
+# Official Cityscapes labelId -> name for the 27 evaluated ids (cityscapesScripts labels.py).
+CITYSCAPES_IDS = {
+    7: "road", 8: "sidewalk", 9: "parking", 10: "rail track", 11: "building", 12: "wall", 13: "fence",
+    14: "guard rail", 15: "bridge", 16: "tunnel", 17: "pole", 18: "polegroup", 19: "traffic light",
+    20: "traffic sign", 21: "vegetation", 22: "terrain", 23: "sky", 24: "person", 25: "rider", 26: "car",
+    27: "truck", 28: "bus", 29: "caravan", 30: "trailer", 31: "train", 32: "motorcycle", 33: "bicycle",
+}
+# ids 0..6: unlabeled, ego vehicle, rectification border, out of roi, static, dynamic, ground -> void
+
+# COCO-Stuff fine id (stuffthingmaps, 0..181) -> coarse id of COCO-Stuff-27, entry by entry (STEGO's table).
+COCO_FINE_TO_COARSE = [
+    9, 11, 11, 11, 11, 11, 11, 11, 11, 8, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7,  # fine 0..19
+    7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6, 10, 10, 10, 10, 10, 10, 10,  # fine 20..39
+    10, 10, 10, 5, 5, 5, 5, 5, 5, 5, 5, 2, 2, 2, 2, 2, 2, 2, 2, 2,  # fine 40..59
+    2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 0, 1, 1, 1,  # fine 60..79
+    1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 17, 17, 22, 20, 20, 22, 15, 25, 16,  # fine 80..99
+    13, 12, 12, 17, 17, 23, 15, 15, 17, 15, 21, 15, 25, 13, 13, 13, 13, 13, 22, 26,  # fine 100..119
+    14, 14, 15, 22, 21, 21, 24, 20, 22, 15, 17, 16, 15, 22, 24, 21, 17, 25, 16, 21,  # fine 120..139
+    17, 22, 16, 21, 21, 25, 21, 26, 21, 24, 20, 17, 14, 21, 26, 15, 23, 20, 21, 24,  # fine 140..159
+    15, 24, 22, 25, 15, 20, 17, 17, 22, 14, 18, 18, 18, 18, 18, 18, 18, 26, 26, 19,  # fine 160..179
+    19, 24,  # fine 180..181
+]
+COCO_COARSE_NAMES = [
+    "electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory", "animal",
+    "outdoor", "person", "sports", "vehicle", "ceiling", "floor", "food-stuff", "furniture-stuff",
+    "raw-material", "textile", "wall", "window", "building", "ground", "plant", "sky", "solid", "structural",
+    "water",
+]
+POTSDAM_MAT = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2, 255: IGNORE}  # STEGO release (6 fine ids)
+POTSDAM_PNG = {0: IGNORE, 1: 0, 2: 1, 3: 2, 4: 2, 5: 0, 6: 1, 255: IGNORE}  # ISPRS PNG ids
+CAMVID_NAMES = ["sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car",
+                "pedestrian", "bicyclist"]
+
+
+def map_with(table, raw):
+    """Slow reference mapping, pixel by pixel."""
+    out = np.empty(raw.shape, np.int64)
+    for idx, value in np.ndenumerate(raw):
+        out[idx] = table[int(value)]
+    return out
+
+
+def test_cityscapes_table():
+    info = data.DATASETS["cityscapes"]
+    assert info["n_classes"] == 27 and len(info["class_names"]) == 27
+    for label_id in range(7):
+        assert info["label_map"][label_id] == IGNORE
+    for label_id, name in CITYSCAPES_IDS.items():
+        assert info["class_names"][info["label_map"][label_id]] == name
+    assert sorted(info["label_map"]) == list(range(34))
+
+
+def test_cocostuff_table():
+    info = data.DATASETS["cocostuff"]
+    assert info["class_names"] == COCO_COARSE_NAMES
+    for fine, coarse in enumerate(COCO_FINE_TO_COARSE):
+        assert info["label_map"][fine] == coarse, fine
+    assert info["label_map"][255] == IGNORE
+    assert sorted(info["label_map"]) == list(range(182)) + [255]  # every fine id exactly once
+
+
+def test_other_tables():
+    assert data.DATASETS["potsdam"]["label_map"] == POTSDAM_MAT
+    assert data.DATASETS["potsdam"]["label_map_png"] == POTSDAM_PNG
+    assert data.DATASETS["potsdam"]["n_classes"] == 3
+    assert data.DATASETS["mastr1325"]["label_map"] == {0: 0, 1: 1, 2: 2, 4: IGNORE}
+    assert data.DATASETS["mastr1325"]["class_names"] == ["obstacle", "water", "sky"]
+    assert data.DATASETS["camvid"]["class_names"] == CAMVID_NAMES
+    assert data.DATASETS["camvid"]["label_map"] == {**{i: i for i in range(11)}, 11: IGNORE}
+    assert data.DATASETS["synthetic"]["class_names"] == ["obstacle", "water", "sky"]
+    for info in data.DATASETS.values():
+        if info["n_classes"]:
+            assert len(info["class_names"]) == info["n_classes"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers building tiny trees
+# ------------------------------------------------------------------------------------------------
+
+H, W = 48, 64  # tiny images: eval with crop 48 keeps them unresized, centre crop = columns 8..56
+
+
+def rgb(seed, h=H, w=W):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def save(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(path)
+    return path
+
+
+def labels_from(values, seed, h=H, w=W):
+    return np.random.default_rng(seed).choice(np.array(values, np.uint8), (h, w))
+
+
+def eval_item(name, root, split="train", **kw):
+    kw = {"crop_size": 48, "resize": 48, **kw}
+    return build_dataset(name, root, split, "eval", **kw)
+
+
+def check_item(item, n_classes, size=48):
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, size, size)
+    assert 0 <= item["image"].min() and item["image"].max() <= 1
+    assert item["label"].dtype == torch.int64 and item["label"].shape == (size, size)
+    assert ((item["label"] == IGNORE) | ((item["label"] >= 0) & (item["label"] < n_classes))).all()
+    assert isinstance(item["name"], str) and isinstance(item["has_label"], bool)
+
+
+def centre(array):
+    return array[:, 8:56]
+
+
+# ------------------------------------------------------------------------------------------------
+# Each loader on a tiny tree in its official layout
+# ------------------------------------------------------------------------------------------------
+
+def test_cityscapes_tree(tmp_path):
+    raws = {}
+    for split, cities in (("train", ["aachen", "bochum"]), ("val", ["frankfurt"])):
+        for k, city in enumerate(cities):
+            stem = f"{city}_000000_00001{k}"
+            save(tmp_path / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", rgb(k))
+            raws[stem] = labels_from(range(34), k)
+            save(tmp_path / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", raws[stem])
+            save(tmp_path / "gtFine" / split / city / f"{stem}_gtFine_color.png", rgb(9))  # ignored
+    table = {**{i: IGNORE for i in range(7)}, **{i: i - 7 for i in range(7, 34)}}
+    ds = eval_item("cityscapes", tmp_path, "train")
+    assert len(ds) == 2 and ds.n_classes == 27
+    for i in range(2):
+        item = ds[i]
+        check_item(item, 27)
+        assert item["has_label"]
+        assert np.array_equal(item["label"].numpy(), centre(map_with(table, raws[item["name"]])))
+    assert [ds[0]["name"]] == ["aachen_000000_000010"]
+    assert np.allclose(ds[0]["image"].permute(1, 2, 0).numpy(), centre(rgb(0)) / 255.0, atol=1e-6)
+    assert len(eval_item("cityscapes", tmp_path, "val")) == 1
+
+
+def build_coco(root, ids, curated):
+    for k, image_id in enumerate(ids):
+        save(root / "images" / "train2017" / f"{image_id}.jpg", rgb(k))
+        save(root / "annotations" / "train2017" / f"{image_id}.png", labels_from([*range(182), 255], k))
+    if curated is not None:
+        (root / "curated" / "train2017").mkdir(parents=True)
+        (root / "curated" / "train2017" / "Coco164kFull_Stuff_Coarse.txt").write_text("\n".join(curated) + "\n")
+
+
+def test_cocostuff_tree(tmp_path):
+    ids = ["000000000009", "000000000025", "000000000030"]
+    build_coco(tmp_path, ids, curated=ids[1:])
+    ds = eval_item("cocostuff", tmp_path, "train")
+    assert len(ds) == 2 and ds.class_names == COCO_COARSE_NAMES
+    item = ds[0]
+    check_item(item, 27)
+    assert item["name"] == ids[1]
+    table = {**dict(enumerate(COCO_FINE_TO_COARSE)), 255: IGNORE}
+    assert np.array_equal(item["label"].numpy(), centre(map_with(table, labels_from([*range(182), 255], 1))))
+
+
+def test_cocostuff_without_curated_list(tmp_path):
+    ids = ["000000000009", "000000000025", "000000000030"]
+    build_coco(tmp_path, ids, curated=None)
+    with pytest.warns(UserWarning, match="curated"):
+        ds = eval_item("cocostuff", tmp_path, "train")
+    assert len(ds) == 3
+
+
+def build_potsdam_mat(root):
+    rng = np.random.default_rng(0)
+    images = {}
+    for image_id in ["0", "1", "2", "3"]:
+        images[image_id] = rng.random((H, W, 4))  # float in [0, 1], 4 channels (RGB + IR)
+        (root / "imgs").mkdir(parents=True, exist_ok=True)
+        scipy.io.savemat(root / "imgs" / f"{image_id}.mat", {"img": images[image_id]})
+    (root / "gt").mkdir()
+    for image_id in ["0", "1", "2"]:  # "3" is unlabelled
+        gt = labels_from([0, 1, 2, 3, 4, 5, 255], int(image_id))
+        scipy.io.savemat(root / "gt" / f"{image_id}.mat", {"gt": gt})
+    (root / "labelled_train.txt").write_text("0\n1\n")
+    (root / "labelled_test.txt").write_text("2\n")
+    (root / "unlabelled_train.txt").write_text("3\n")
+    return images
+
+
+def test_potsdam_mat_tree(tmp_path):
+    images = build_potsdam_mat(tmp_path)
+    ds = eval_item("potsdam", tmp_path, "train")
+    assert len(ds) == 2 and ds.n_classes == 3
+    item = ds[1]
+    check_item(item, 3)
+    assert item["name"] == "1" and item["has_label"]
+    assert np.allclose(item["image"].permute(1, 2, 0).numpy(), centre(images["1"][:, :, :3]), atol=1e-6)
+    raw = labels_from([0, 1, 2, 3, 4, 5, 255], 1)
+    assert np.array_equal(item["label"].numpy(), centre(map_with(POTSDAM_MAT, raw)))
+    val = eval_item("potsdam", tmp_path, "val")
+    assert [val[0]["name"]] == ["2"]
+    unlabelled = eval_item("potsdam", tmp_path, "unlabelled_train")[0]
+    assert not unlabelled["has_label"] and (unlabelled["label"] == IGNORE).all()
+
+
+def test_potsdam_png_tree(tmp_path):
+    for split in ("train", "val"):
+        save(tmp_path / "img_dir" / split / "2_10_0_0.png", rgb(3))
+        save(tmp_path / "ann_dir" / split / "2_10_0_0.png", labels_from(range(7), 3))
+    item = eval_item("potsdam", tmp_path, "val")[0]
+    check_item(item, 3)
+    assert np.array_equal(item["label"].numpy(), centre(map_with(POTSDAM_PNG, labels_from(range(7), 3))))
+
+
+def test_mastr1325_official_layout(tmp_path):
+    stems = [f"{i:04d}" for i in range(1, 7)]
+    for k, stem in enumerate(stems):
+        save(tmp_path / "MaSTr1325_images_512x384" / f"{stem}.jpg", rgb(k))
+        save(tmp_path / "MaSTr1325_masks_512x384" / f"{stem}m.png", labels_from([0, 1, 2, 4], k))
+    train, val = eval_item("mastr1325", tmp_path, "train"), eval_item("mastr1325", tmp_path, "val")
+    assert [s["name"] for s in val.samples] == ["0005"]  # hold-out: sorted index % 5 == 4
+    assert len(train) == 5 and len(eval_item("mastr1325", tmp_path, "all")) == 6
+    item = val[0]
+    check_item(item, 3)
+    expected = map_with({0: 0, 1: 1, 2: 2, 4: IGNORE}, labels_from([0, 1, 2, 4], 4))
+    assert np.array_equal(item["label"].numpy(), centre(expected))
+    (tmp_path / "val.txt").write_text("0002\n0003\n")  # an explicit list wins
+    assert [s["name"] for s in eval_item("mastr1325", tmp_path, "val").samples] == ["0002", "0003"]
+
+
+def test_mastr1325_folder_convention(tmp_path):
+    save(tmp_path / "imgs" / "train" / "0001.jpg", rgb(0))
+    save(tmp_path / "labels" / "train" / "0001m.png", labels_from([0, 1, 2, 4], 0))
+    item = eval_item("mastr1325", tmp_path, "train")[0]
+    assert item["has_label"] and set(np.unique(item["label"].numpy())) <= {IGNORE, 0, 1, 2}
+
+
+def build_camvid(root, splits=("train", "val"), n=2):
+    for split in splits:
+        for k in range(n):
+            save(root / split / f"0001TP_00{k}.png", rgb(k))
+            save(root / f"{split}annot" / f"0001TP_00{k}.png", labels_from(range(12), k))
+
+
+def test_camvid_tree(tmp_path):
+    build_camvid(tmp_path)
+    ds = eval_item("camvid", tmp_path, "val")
+    item = ds[1]
+    check_item(item, 11)
+    expected = map_with({**{i: i for i in range(11)}, 11: IGNORE}, labels_from(range(12), 1))
+    assert np.array_equal(item["label"].numpy(), centre(expected))
+    assert ds.class_names == CAMVID_NAMES
+
+
+def test_folder_with_and_without_labels(tmp_path):
+    save(tmp_path / "imgs" / "train" / "a.jpg", rgb(0))
+    save(tmp_path / "imgs" / "train" / "b.png", rgb(1))
+    save(tmp_path / "labels" / "train" / "a.png", labels_from([0, 1, 2, 3, 255], 0))
+    save(tmp_path / "labels" / "train" / "b.png", labels_from([0, 1, 2, 3, 255], 1))
+    save(tmp_path / "imgs" / "val" / "c.png", rgb(2))  # no labels/val: prediction only
+    ds = eval_item("folder", tmp_path, "train", n_classes=4)
+    assert ds.class_names == ["class 0", "class 1", "class 2", "class 3"]
+    item = ds[1]
+    check_item(item, 4)
+    expected = map_with({0: 0, 1: 1, 2: 2, 3: 3, 255: IGNORE}, labels_from([0, 1, 2, 3, 255], 1))
+    assert np.array_equal(item["label"].numpy(), centre(expected))
+    unlabelled = eval_item("folder", tmp_path, "val")[0]
+    assert not unlabelled["has_label"] and (unlabelled["label"] == IGNORE).all()
+    assert np.allclose(unlabelled["image"].permute(1, 2, 0).numpy(), centre(rgb(2)) / 255.0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real files in ../shared (skipped when absent)
+# ------------------------------------------------------------------------------------------------
+
+def need_shared(*parts):
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+def test_real_cityscapes_frame():
+    root = need_shared("data", "formats", "pseudo_cityscapes_dataset")
+    item = build_dataset("cityscapes", root, "val", "eval", crop_size=128, resize=128)[0]
+    check_item(item, 27, 128)
+    stem = "frankfurt_000000_000294"
+    raw = np.asarray(Image.open(root / "gtFine" / "val" / "frankfurt" / f"{stem}_gtFine_labelIds.png"))
+    image = np.asarray(Image.open(root / "leftImg8bit" / "val" / "frankfurt" / f"{stem}_leftImg8bit.png"))
+    expected = np.where(raw >= 7, raw.astype(np.int64) - 7, IGNORE)[:, 64:192]  # 256x128 -> centre 128
+    assert item["name"] == stem and np.array_equal(item["label"].numpy(), expected)
+    assert np.allclose(item["image"].permute(1, 2, 0).numpy(), image[:, 64:192] / 255.0, atol=1e-6)
+    # the eval protocol: short side 128 -> 320, centre crop 320
+    big = build_dataset("cityscapes", root, "val", "eval", crop_size=320)[0]
+    check_item(big, 27, 320)
+
+
+def test_real_potsdam_png_tile():
+    root = need_shared("data", "formats", "pseudo_potsdam_dataset")
+    with pytest.warns(UserWarning, match="img_dir"):  # flat layout, no split subfolder
+        ds = build_dataset("potsdam", root, "val", "eval", crop_size=512)
+    item = ds[0]
+    check_item(item, 3, 512)
+    raw = np.asarray(Image.open(root / "ann_dir" / "2_10_0_0_512_512.png"))
+    assert np.array_equal(item["label"].numpy(), map_with(POTSDAM_PNG, raw))
+
+
+def test_real_camvid_frames():
+    root = need_shared("data", "camvid")
+    ds = build_dataset("camvid", root, "val", "eval", crop_size=352, resize=360, length=3)
+    assert len(ds) == 3
+    item = ds[0]
+    check_item(item, 11, 352)
+    raw = np.asarray(Image.open(ds.samples[0]["label"])).astype(np.int64)
+    assert np.array_equal(item["label"].numpy(), np.where(raw == 11, IGNORE, raw)[4:356, 64:416])
+    batch = next(iter(data.make_loader(ds, 2, shuffle=False)))
+    assert batch["image"].shape == (2, 3, 352, 352) and batch["label"].shape == (2, 352, 352)
+    train = build_dataset("camvid", root, "train", "train", crop_size=224, length=2)
+    check_item(train[1], 11, 224)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one DataError line naming the file or folder
+# ------------------------------------------------------------------------------------------------
+
+def raises_naming(fragment, call):
+    with pytest.raises(DataError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and str(fragment) in message, message
+    return message
+
+
+def test_missing_root_split_and_empty(tmp_path):
+    missing = tmp_path / "nowhere"
+    message = raises_naming(missing, lambda: build_dataset("camvid", missing, "train"))
+    assert "annot" in message  # says the expected layout
+    build_camvid(tmp_path, splits=("train",))
+    raises_naming(tmp_path / "val", lambda: build_dataset("camvid", tmp_path, "val"))
+    (tmp_path / "test").mkdir()
+    (tmp_path / "testannot").mkdir()
+    assert "no images" in raises_naming(tmp_path / "test", lambda: build_dataset("camvid", tmp_path, "test"))
+    raises_naming(tmp_path / "leftImg8bit", lambda: build_dataset("cityscapes", tmp_path, "train"))
+    raises_naming(tmp_path, lambda: build_dataset("mastr1325", tmp_path, "train"))
+    raises_naming(None, lambda: build_dataset("folder", None, "train"))
+
+
+def test_image_without_label(tmp_path):
+    build_camvid(tmp_path, splits=("train",))
+    save(tmp_path / "train" / "lonely.png", rgb(5))
+    raises_naming("lonely.png", lambda: build_dataset("camvid", tmp_path, "train"))
+    save(tmp_path / "c" / "leftImg8bit" / "val" / "ulm" / "ulm_1_leftImg8bit.png", rgb(0))
+    (tmp_path / "c" / "gtFine" / "val" / "ulm").mkdir(parents=True)
+    raises_naming("ulm_1_leftImg8bit.png", lambda: build_dataset("cityscapes", tmp_path / "c", "val"))
+    build_potsdam_mat(tmp_path / "p")
+    (tmp_path / "p" / "gt" / "1.mat").unlink()
+    raises_naming("1.mat", lambda: build_dataset("potsdam", tmp_path / "p", "train"))
+
+
+def test_label_of_another_size(tmp_path):
+    build_camvid(tmp_path, splits=("train",), n=1)
+    save(tmp_path / "trainannot" / "0001TP_000.png", labels_from(range(11), 0, 40, 64))
+    ds = eval_item("camvid", tmp_path, "train")
+    raises_naming("0001TP_000.png", lambda: ds[0])
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    build_camvid(tmp_path, splits=("train",), n=2)
+    good = (tmp_path / "train" / "0001TP_000.png").read_bytes()
+    (tmp_path / "train" / "0001TP_000.png").write_bytes(good[: len(good) // 2])  # truncated
+    (tmp_path / "trainannot" / "0001TP_001.png").write_bytes(b"not an image at all")  # corrupt
+    ds = eval_item("camvid", tmp_path, "train")
+    assert "truncated" in raises_naming("0001TP_000.png", lambda: ds[0])
+    raises_naming("0001TP_001.png", lambda: ds[1])
+    build_potsdam_mat(tmp_path / "p")
+    (tmp_path / "p" / "imgs" / "0.mat").write_bytes(b"garbage")
+    scipy.io.savemat(tmp_path / "p" / "imgs" / "1.mat", {"image": np.zeros((H, W, 4))})  # wrong key
+    ds = eval_item("potsdam", tmp_path / "p", "train")
+    raises_naming("0.mat", lambda: ds[0])
+    assert "'img'" in raises_naming("1.mat", lambda: ds[1])
+
+
+def convertible_tree(root, images):
+    for k, (stem, (array, mode)) in enumerate(images.items()):
+        save(root / "imgs" / "train" / f"{stem}.png", array, mode)
+        save(root / "labels" / "train" / f"{stem}.png", labels_from([0, 1], k))
+
+
+def test_grayscale_rgba_palette_16bit_converted_and_said_once(tmp_path):
+    gray = rgb(0)[:, :, 0]
+    rgba = np.dstack([rgb(1), np.full((H, W), 7, np.uint8)])
+    gray16 = (np.random.default_rng(2).integers(0, 65536, (H, W))).astype(np.uint16)
+    convertible_tree(tmp_path, {"g1": (gray, "L"), "g2": (gray, "L"), "a": (rgba, "RGBA"), "s": (gray16, None)})
+    palette = Image.fromarray(rgb(3)).convert("P", palette=Image.ADAPTIVE, colors=16)
+    palette.save(tmp_path / "imgs" / "train" / "p.png")
+    save(tmp_path / "labels" / "train" / "p.png", labels_from([0, 1], 9))
+    ds = eval_item("folder", tmp_path, "train", n_classes=2)
+    names = [s["name"] for s in ds.samples]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = {name: ds[i] for i, name in enumerate(names)}
+        for i in range(len(ds)):  # a second pass says nothing new
+            ds[i]
+    said = [str(w.message) for w in caught]
+    assert len(said) == 4, said
+    for phrase in ("grayscale images converted", "RGBA images converted", "palette images converted",
+                   "16-bit grayscale images scaled"):
+        assert sum(m.startswith(f"folder: {phrase}") for m in said) == 1, phrase
+    g = items["g1"]["image"]
+    assert torch.equal(g[0], g[1]) and torch.allclose(g[0], torch.from_numpy(centre(gray) / 255.0).float())
+    assert torch.allclose(items["a"]["image"].permute(1, 2, 0), torch.from_numpy(centre(rgb(1)) / 255.0).float())
+    assert torch.allclose(items["s"]["image"][0], torch.from_numpy(centre(gray16) / 65535.0).float(), atol=1e-6)
+    expected_p = np.asarray(palette.convert("RGB"))
+    assert torch.allclose(items["p"]["image"].permute(1, 2, 0), torch.from_numpy(centre(expected_p) / 255.0).float())
+
+
+def test_meaningless_images_and_labels_rejected(tmp_path):
+    save(tmp_path / "imgs" / "train" / "f.tif", rgb(0)[:, :, 0].astype(np.float32) * 3.5, "F")
+    save(tmp_path / "labels" / "train" / "f.png", labels_from([0, 1], 0))
+    ds = eval_item("folder", tmp_path, "train", n_classes=2)
+    raises_naming("f.tif", lambda: ds[0])
+    save(tmp_path / "imgs" / "val" / "c.png", rgb(1))
+    save(tmp_path / "labels" / "val" / "c.png", rgb(2))  # colour-coded label
+    ds = eval_item("folder", tmp_path, "val", n_classes=2)
+    assert "colour-coded" in raises_naming("c.png", lambda: ds[0])
+
+
+def test_label_values_outside_the_classes(tmp_path):
+    build_camvid(tmp_path, splits=("train",), n=1)
+    label = labels_from(range(11), 0)
+    label[3, 3] = 12
+    save(tmp_path / "trainannot" / "0001TP_000.png", label)
+    ds = eval_item("camvid", tmp_path, "train")
+    message = raises_naming("0001TP_000.png", lambda: ds[0])
+    assert "[12]" in message
+    save(tmp_path / "f" / "imgs" / "train" / "a.png", rgb(0))
+    save(tmp_path / "f" / "labels" / "train" / "a.png", labels_from([0, 1, 2, 3], 0))
+    ds = eval_item("folder", tmp_path / "f", "train", n_classes=3)
+    assert "[3]" in raises_naming("a.png", lambda: ds[0])
+    raises_naming(tmp_path / "f", lambda: build_dataset("folder", tmp_path / "f", "train"))  # needs n_classes
+
+
+def test_crop_larger_than_image(tmp_path):
+    build_camvid(tmp_path, splits=("train",), n=1)
+    ds = build_dataset("camvid", tmp_path, "train", "train", crop_size=56, resize=0)  # native 48x64
+    raises_naming("0001TP_000.png", lambda: ds[0])
+    raises_naming("resize", lambda: build_dataset("camvid", tmp_path, "train", crop_size=64, resize=48))
+    raises_naming("multiple of 8", lambda: build_dataset("camvid", tmp_path, "train", crop_size=50))
+    raises_naming("unknown data set", lambda: build_dataset("imagenet", tmp_path, "train"))
+    raises_naming("mode", lambda: build_dataset("camvid", tmp_path, "train", mode="test"))
+    raises_naming("27 classes", lambda: build_dataset("cityscapes", tmp_path, "train", n_classes=19))
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic scenes
+# ------------------------------------------------------------------------------------------------
+
+def test_synthetic_seeded_and_exact():
+    small = {"crop_size": 64, "resize": 72, "length": 4, "synthetic_size": (96, 128)}
+    a = build_dataset("synthetic", None, "train", "eval", **small)
+    b = build_dataset("synthetic", None, "train", "eval", **small)
+    c = build_dataset("synthetic", None, "train", "eval", seed=1, **small)
+    v = build_dataset("synthetic", None, "val", "eval", **small)
+    for i in range(4):
+        check_item(a[i], 3, 64)
+        assert torch.equal(a[i]["image"], b[i]["image"]) and torch.equal(a[i]["label"], b[i]["label"])
+        assert not torch.equal(a[i]["image"], c[i]["image"])
+        assert not torch.equal(a[i]["image"], v[i]["image"])
+    assert len(build_dataset("synthetic", None, "train")) == 64
+    assert len(build_dataset("synthetic", None, "val")) == 16
+    # exact labels: sky at the top row, water at the bottom row, obstacles somewhere, colours differ by class
+    image, label = data.draw_synthetic_scene(np.random.default_rng(3), 96, 128)
+    assert image.shape == (96, 128, 3) and label.shape == (96, 128)
+    assert set(np.unique(label)) <= {0, 1, 2}
+    counts = np.zeros(3)
+    for i in range(8):
+        _, label = data.draw_synthetic_scene(np.random.default_rng([0, 0, i]))
+        counts += np.bincount(label.ravel(), minlength=3)
+        assert (label[0] != 1).all() and (label[-1] != 2).all()
+    assert (counts > 0).all()
+
+
+def test_synthetic_fast():
+    data.draw_synthetic_scene(np.random.default_rng(0))
+    start = time.perf_counter()
+    for i in range(10):
+        data.draw_synthetic_scene(np.random.default_rng(i))
+    assert (time.perf_counter() - start) / 10 < 0.2  # a few ms on a normal CPU; loose bound
+
+
+# ------------------------------------------------------------------------------------------------
+# Transforms: train crops/flips keep image and label aligned, are reproducible, five-crop
+# ------------------------------------------------------------------------------------------------
+
+PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.uint8)
+
+
+def colour_coded_folder(root, n=6):
+    """Images whose colour is the label (8x8 blocks), so any misalignment shows."""
+    for k in range(n):
+        blocks = np.random.default_rng(k).integers(0, 4, (H // 8, W // 8))
+        label = np.kron(blocks, np.ones((8, 8), np.int64)).astype(np.uint8)
+        save(root / "imgs" / "train" / f"{k}.png", PALETTE[label])
+        save(root / "labels" / "train" / f"{k}.png", label)
+
+
+def test_train_crop_flip_aligned_and_reproducible(tmp_path):
+    colour_coded_folder(tmp_path)
+    ds = build_dataset("folder", tmp_path, "train", "train", crop_size=32, resize=0, n_classes=4)
+    first = [ds[i] for i in range(len(ds))]
+    for item in first:
+        check_item(item, 4, 32)
+        expected = torch.from_numpy(PALETTE[item["label"].numpy()] / 255.0).float().permute(2, 0, 1)
+        assert torch.equal(item["image"], expected)
+    again = [ds[i] for i in range(len(ds))]
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(first, again))
+    ds.set_epoch(1)
+    assert any(not torch.equal(x["image"], ds[i]["image"]) for i, x in enumerate(first))
+    # flips happen (each item is flipped or not; across items and epochs both occur)
+    flat = build_dataset("folder", tmp_path, "train", "train", crop_size=48, resize=0, n_classes=4, flip=True)
+    seen = set()
+    for epoch in range(4):
+        flat.set_epoch(epoch)
+        item = flat[0]
+        original = np.asarray(Image.open(tmp_path / "labels" / "train" / "0.png"))
+        window = [original[:, left:left + 48] for left in range(17)]
+        seen |= {("plain" if any(np.array_equal(item["label"].numpy(), w) for w in window) else "flipped")}
+    assert seen == {"plain", "flipped"}
+
+
+def test_eval_resize_and_centre_crop_against_reference(tmp_path):
+    save(tmp_path / "imgs" / "train" / "a.png", rgb(0))
+    save(tmp_path / "labels" / "train" / "a.png", labels_from(range(5), 0))
+    item = build_dataset("folder", tmp_path, "train", "eval", crop_size=64, resize=80, n_classes=5)[0]
+    # short side 48 -> 80: 80 x int(80 * 64 / 48) = 80 x 106, centre crop 64 at (8, 21);
+    # labels: nearest neighbour through pixel centres (PIL NEAREST)
+    raw = labels_from(range(5), 0)
+    rows = [min(int((r + 0.5) * 48 / 80), 47) for r in range(80)]
+    cols = [min(int((c + 0.5) * 64 / 106), 63) for c in range(106)]
+    expected = np.array([[raw[rows[r], cols[c]] for c in range(21, 85)] for r in range(8, 72)])
+    assert np.array_equal(item["label"].numpy(), expected)
+    # image: bilinear, close to PIL's resize of the same image
+    pil = np.asarray(Image.fromarray(rgb(0)).resize((106, 80), Image.BILINEAR))[8:72, 21:85] / 255.0
+    assert np.abs(item["image"].permute(1, 2, 0).numpy() - pil).mean() < 0.02
+
+
+def test_five_crop(tmp_path):
+    colour_coded_folder(tmp_path, n=2)
+    ds = build_dataset("folder", tmp_path, "train", "eval", crop_size=24, resize=0, n_classes=4, five_crop=True)
+    assert len(ds) == 10
+    original = np.asarray(Image.open(tmp_path / "labels" / "train" / "1.png")).astype(np.int64)
+    # crops are 24x32 (ratio .5 of 48x64), then the eval centre crop 24x24 takes columns 4..28 of each
+    corners = {0: (0, 0), 1: (0, 32), 2: (24, 0), 3: (24, 32), 4: (12, 16)}
+    for which, (top, left) in corners.items():
+        item = ds[5 + which]
+        assert item["name"].startswith("1_")
+        assert np.array_equal(item["label"].numpy(), original[top:top + 24, left + 4:left + 28])
+
+
+# ------------------------------------------------------------------------------------------------
+# normalize, loaders, devices
+# ------------------------------------------------------------------------------------------------
+
+def test_normalize():
+    images = torch.rand(2, 3, 4, 5)
+    out = data.normalize(images)
+    for c in range(3):
+        expected = (images[:, c] - data.IMAGENET_MEAN[c]) / data.IMAGENET_STD[c]
+        assert torch.allclose(out[:, c], expected, atol=1e-6)
+    assert torch.allclose(data.normalize(images[0]), out[0])
+    with pytest.raises(ValueError):
+        data.normalize(torch.rand(2, 4, 4, 5))
+
+
+def test_make_loader_and_to_device():
+    ds = build_dataset("synthetic", None, "train", "train", crop_size=32, resize=32, length=12,
+                       synthetic_size=(48, 64))
+    names = lambda seed: [n for batch in data.make_loader(ds, 4, True, seed=seed) for n in batch["name"]]
+    assert names(0) == names(0) and names(0) != names(1) and sorted(names(0)) == sorted(names(1))
+    batch = next(iter(data.make_loader(ds, 5, False)))
+    assert batch["image"].shape == (5, 3, 32, 32) and batch["label"].dtype == torch.int64
+    assert batch["has_label"].dtype == torch.bool and batch["has_label"].all()
+    moved = data.to_device(batch, "cpu")
+    assert moved["image"].device.type == "cpu" and moved["name"] == batch["name"]
+    assert len(list(data.make_loader(ds, 5, False, drop_last=True))) == 2
+    with pytest.raises(DataError):
+        data.make_loader(ds, 13, True, drop_last=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ĩ: photometric augmentation, against slow per-pixel references
+# ------------------------------------------------------------------------------------------------
+
+def tricky_pixels():
+    """Random pixels plus greys, black, white, primaries and ties between channels."""
+    rng = np.random.default_rng(0)
+    special = [[0, 0, 0], [1, 1, 1], [.5, .5, .5], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1],
+               [1, 0, 1], [.2, .7, .7], [.7, .2, .7], [.7, .7, .2], [.3, .3, .9]]
+    pixels = np.concatenate([np.array(special), rng.random((3 * 5 * 6 - len(special), 3))])
+    return torch.from_numpy(pixels.T.reshape(1, 3, 9, 10))  # (1, 3, 9, 10) float64
+
+
+def test_rgb_hsv_against_colorsys():
+    images = tricky_pixels()
+    hsv = data.rgb_to_hsv(images)
+    back = data.hsv_to_rgb(hsv)
+    for i in range(9):
+        for j in range(10):
+            r, g, b = images[0, :, i, j].tolist()
+            h, s, v = colorsys.rgb_to_hsv(r, g, b)
+            assert np.allclose(hsv[0, :, i, j].numpy(), [h, s, v], atol=1e-12)
+            assert np.allclose(data.hsv_to_rgb(hsv[:, :, i:i + 1, j:j + 1])[0, :, 0, 0].numpy(),
+                               colorsys.hsv_to_rgb(h, s, v), atol=1e-12)
+    assert torch.allclose(back, images, atol=1e-12)  # round trip is the identity
+
+
+def test_adjustments_against_references():
+    images = tricky_pixels().repeat(2, 1, 1, 1)  # (2, 3, 9, 10) float64
+    images[1] = images[1].flip(-1) * 0.8
+    factors = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    shifts = torch.tensor([0.1, -0.37], dtype=torch.float64)
+    bright = data.adjust_brightness(images, factors)
+    contrast = data.adjust_contrast(images, factors)
+    satur = data.adjust_saturation(images, factors)
+    hue = data.adjust_hue(images, shifts)
+    for n in range(2):
+        f = factors[n].item()
+        lumas = [0.299 * images[n, 0, i, j].item() + 0.587 * images[n, 1, i, j].item()
+                 + 0.114 * images[n, 2, i, j].item() for i in range(9) for j in range(10)]
+        mean = sum(lumas) / len(lumas)
+        for i in range(9):
+            for j in range(10):
+                pixel = images[n, :, i, j].tolist()
+                luma = lumas[i * 10 + j]
+                clamp = lambda t: min(max(t, 0.0), 1.0)
+                assert np.allclose(bright[n, :, i, j], [clamp(f * p) for p in pixel], atol=1e-12)
+                assert np.allclose(contrast[n, :, i, j], [clamp(f * p + (1 - f) * mean) for p in pixel], atol=1e-12)
+                assert np.allclose(satur[n, :, i, j], [clamp(f * p + (1 - f) * luma) for p in pixel], atol=1e-12)
+                h, s, v = colorsys.rgb_to_hsv(*pixel)
+                expected = colorsys.hsv_to_rgb((h + shifts[n].item()) % 1.0, s, v)
+                assert np.allclose(hue[n, :, i, j], expected, atol=1e-9)
+    assert torch.allclose(data.adjust_hue(images, torch.zeros(2, dtype=torch.float64)), images, atol=1e-12)
+
+
+def test_photometric_augment_properties():
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = data.photometric_augment(images, torch.Generator().manual_seed(1))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out - images).abs().amax(dim=(1, 2, 3)).gt(1e-3).sum() >= 4  # colours change
+    again = data.photometric_augment(images, torch.Generator().manual_seed(1))
+    other = data.photometric_augment(images, torch.Generator().manual_seed(2))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    # no jitter, no grayscale -> identity
+    same = data.photometric_augment(images, None, 0, 0, 0, 0, grayscale_p=0.0)
+    assert torch.allclose(same, images, atol=1e-6)
+    # grayscale only -> all channels equal to the luma
+    gray = data.photometric_augment(images, None, grayscale_p=1.0, jitter_p=0.0)
+    luma = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+    assert torch.allclose(gray, luma[:, None].expand_as(images), atol=1e-6)
+    # brightness only: a per-image scalar, pixel (i, j) stays at (i, j) (identity correspondence)
+    dim = images * 0.5
+    bright = data.photometric_augment(dim, torch.Generator().manual_seed(3), 0.4, 0, 0, 0, 0.0, jitter_p=1.0)
+    ratio = bright / dim
+    assert torch.allclose(ratio, ratio[:, :1, :1, :1].expand_as(ratio), atol=1e-4)
+    assert not torch.allclose(ratio[:, 0, 0, 0], torch.ones(6))
+    with pytest.raises(ValueError):
+        data.photometric_augment(torch.rand(3, 16, 16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_photometric_augment_cuda_matches_cpu():
+    images = torch.rand(4, 3, 16, 16)
+    cpu = data.photometric_augment(images, torch.Generator().manual_seed(5))
+    gpu = data.photometric_augment(images.cuda(), torch.Generator().manual_seed(5))
+    assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-5)

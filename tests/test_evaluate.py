@@ -1,0 +1,491 @@
+"""Tests of evaluate.py: confusion matrix, Hungarian metrics, cosine k-means, prediction, PNGs, whole protocol."""
+
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import evaluate  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------------
+# confusion matrix
+# ----------------------------------------------------------------------------------------------------
+
+def test_confusion_matrix_matches_python_loop_and_ignores_void():
+    generator = torch.Generator().manual_seed(0)
+    n_classes, n_pred = 4, 5
+    label = torch.randint(-1, n_classes + 2, (2, 7, 9), generator=generator)  # -1 and ids >= n_classes = void
+    label[0, 0, 0] = 255
+    pred = torch.randint(0, n_pred, (2, 7, 9), generator=generator)
+    reference = np.zeros((n_classes, n_pred), dtype=np.int64)
+    for y, p in zip(label.flatten().tolist(), pred.flatten().tolist()):
+        if 0 <= y < n_classes:
+            reference[y, p] += 1
+    confusion = evaluate.confusion_matrix(pred, label, n_pred, n_classes)
+    assert confusion.dtype == torch.int64 and confusion.shape == (n_classes, n_pred)
+    assert np.array_equal(confusion.numpy(), reference)
+    assert confusion.sum() == ((label >= 0) & (label < n_classes)).sum()
+
+
+def test_confusion_matrix_bad_input():
+    with pytest.raises(ValueError):
+        evaluate.confusion_matrix(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), 2, 2)
+    with pytest.raises(ValueError):  # predicted id out of range on a labelled pixel
+        evaluate.confusion_matrix(torch.tensor([0, 2]), torch.tensor([0, 1]), 2, 2)
+    # out of range prediction on a void pixel is fine
+    evaluate.confusion_matrix(torch.tensor([0, 5]), torch.tensor([0, -1]), 2, 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hungarian matching and scores
+# ----------------------------------------------------------------------------------------------------
+
+def brute_force_scores(confusion):
+    """Reference: try every injective map between classes and clusters (rows = classes, columns = clusters).
+    Returns (acc, miou, iou, number of optimal maps)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    n_classes, n_pred = confusion.shape
+    candidates = []  # dicts class -> cluster
+    if n_pred >= n_classes:
+        for clusters in itertools.permutations(range(n_pred), n_classes):  # class c -> clusters[c]
+            candidates.append({c: clusters[c] for c in range(n_classes)})
+    else:
+        for classes in itertools.permutations(range(n_classes), n_pred):  # cluster j -> classes[j]
+            candidates.append({classes[j]: j for j in range(n_pred)})
+    totals = [sum(confusion[c, j] for c, j in m.items()) for m in candidates]
+    best = max(totals)
+    n_optimal = sum(1 for t in totals if t == best)
+    best_map = candidates[totals.index(best)]
+    iou = []
+    for c in range(n_classes):
+        tp = confusion[c, best_map[c]] if c in best_map else 0.0
+        predicted = confusion[:, best_map[c]].sum() if c in best_map else 0.0
+        union = confusion[c].sum() + predicted - tp
+        iou.append(tp / union if union > 0 else float("nan"))
+    present = [v for v in iou if not math.isnan(v)]
+    return best / confusion.sum(), sum(present) / len(present), iou, n_optimal
+
+
+def test_scores_permuted_perfect_prediction():
+    permutation = [2, 0, 3, 1]  # cluster j holds class permutation[j]
+    confusion = np.zeros((4, 4), dtype=np.int64)
+    for cluster, class_id in enumerate(permutation):
+        confusion[class_id, cluster] = 10 * (cluster + 1)
+    result = evaluate.scores(confusion)
+    assert result["acc"] == 1.0 and result["miou"] == 1.0
+    assert result["iou"] == [1.0] * 4
+    assert result["matching"] == permutation
+    assert np.array_equal(np.array(result["confusion"]), np.diag(np.diag(np.array(result["confusion"]))))
+
+
+def test_scores_hand_computed():
+    # rows = classes, columns = clusters. Greedy row-wise matching would give class 0 -> cluster 1,
+    # the optimum is the identity: 3 + 5 + 2 = 10 of 14 pixels.
+    confusion = np.array([[3, 4, 0],
+                          [0, 5, 0],
+                          [0, 0, 2]])
+    result = evaluate.scores(confusion)
+    assert result["matching"] == [0, 1, 2]
+    assert result["acc"] == pytest.approx(10 / 14)
+    iou = [3 / (7 + 3 - 3), 5 / (5 + 9 - 5), 2 / (2 + 2 - 2)]
+    assert result["iou"] == pytest.approx(iou)
+    assert result["miou"] == pytest.approx(sum(iou) / 3)
+    assert result["n_pixels"] == 14
+
+    # A permuted version: cluster 0 <-> class 2, cluster 2 <-> class 0.
+    permuted = confusion[:, [2, 1, 0]]
+    again = evaluate.scores(permuted)
+    assert again["matching"] == [2, 1, 0]
+    assert again["acc"] == pytest.approx(10 / 14) and again["miou"] == pytest.approx(sum(iou) / 3)
+
+
+def test_scores_classes_absent_from_labels():
+    # class 2: no ground truth and nothing predicted for it -> nan, left out of mIoU.
+    confusion = np.array([[6, 0, 0],
+                          [1, 3, 0],
+                          [0, 0, 0]])
+    result = evaluate.scores(confusion)
+    assert result["acc"] == pytest.approx(9 / 10)
+    assert math.isnan(result["iou"][2])
+    assert result["iou"][:2] == pytest.approx([6 / 7, 3 / 4])
+    assert result["miou"] == pytest.approx((6 / 7 + 3 / 4) / 2)
+    # class 2: no ground truth but a cluster matched to it predicts labelled pixels -> IoU 0 (peers count it).
+    confusion = np.array([[6, 0, 2],
+                          [0, 3, 0],
+                          [0, 0, 0]])
+    result = evaluate.scores(confusion)
+    assert result["iou"] == pytest.approx([6 / 8, 1.0, 0.0])
+    assert result["miou"] == pytest.approx((6 / 8 + 1.0 + 0.0) / 3)
+
+
+def test_scores_more_and_fewer_clusters_than_classes():
+    # 2 classes, 3 clusters: one cluster is unmatched (-1) and its pixels count as errors.
+    confusion = np.array([[5, 0, 2],
+                          [0, 4, 1]])
+    result = evaluate.scores(confusion)
+    assert result["matching"] == [0, 1, -1]
+    assert result["acc"] == pytest.approx(9 / 12)
+    assert result["iou"] == pytest.approx([5 / 7, 4 / 5])
+    # 3 classes, 2 clusters: one class is never predicted.
+    confusion = np.array([[5, 1],
+                          [0, 4],
+                          [3, 0]])
+    result = evaluate.scores(confusion)
+    assert sorted(result["matching"]) == [0, 1]
+    assert result["iou"][2] == 0.0
+
+
+def test_scores_against_brute_force_on_random_matrices():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for n_classes, n_pred in [(3, 3), (4, 4), (3, 5), (4, 2), (5, 5)]:
+        for _ in range(5):
+            confusion = rng.integers(0, 1000, size=(n_classes, n_pred))
+            confusion[rng.integers(0, n_classes)] = 0  # one class absent from the labels
+            acc, miou, iou, n_optimal = brute_force_scores(confusion)
+            result = evaluate.scores(confusion)
+            assert result["acc"] == pytest.approx(acc)
+            if n_optimal == 1:  # with ties (the absent class may take any spare cluster) IoUs may differ
+                checked += 1
+                assert result["miou"] == pytest.approx(miou)
+                assert np.allclose(result["iou"], iou, equal_nan=True)
+    assert checked >= 15
+
+
+def test_scores_without_pixels_is_nan():
+    result = evaluate.scores(np.zeros((2, 2), dtype=np.int64))
+    assert math.isnan(result["acc"]) and math.isnan(result["miou"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# cosine k-means
+# ----------------------------------------------------------------------------------------------------
+
+def separated_points(seed=0, k=4, dim=16, per_cluster=300, noise=0.05):
+    generator = torch.Generator().manual_seed(seed)
+    directions = F.normalize(torch.randn(k, dim, generator=generator), dim=1)  # (k, D)
+    truth = torch.arange(k).repeat_interleave(per_cluster)  # (N,)
+    points = directions[truth] + noise * torch.randn(k * per_cluster, dim, generator=generator)
+    scale = torch.rand(k * per_cluster, 1, generator=generator) * 3 + 0.5  # cosine k-means ignores the norm
+    order = torch.randperm(k * per_cluster, generator=generator)
+    return directions, truth[order], (points * scale)[order]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_recovers_separated_directions(seed):
+    directions, truth, points = separated_points(seed=seed)
+    centres, assignments = evaluate.kmeans_cosine(points, 4, n_iter=5, batch_size=256, seed=seed)
+    assert centres.shape == (4, 16) and assignments.shape == (1200,) and assignments.dtype == torch.long
+    assert torch.allclose(centres.norm(dim=1), torch.ones(4), atol=1e-5)
+    confusion = evaluate.confusion_matrix(assignments, truth, 4, 4)
+    assert evaluate.scores(confusion)["acc"] == 1.0
+    # every true direction has a centre within 3 degrees
+    angles = torch.rad2deg(torch.acos((directions @ centres.T).clamp(-1, 1)))  # (k, k)
+    assert angles.min(dim=1).values.max() < 3.0
+    # assignments are the nearest centres
+    assert torch.equal(assignments, (F.normalize(points, dim=1) @ centres.T).argmax(1))
+
+
+def test_kmeans_random_init_picks_distinct_points():
+    _, _, points = separated_points(seed=4)
+    centres, assignments = evaluate.kmeans_cosine(points, 5, n_iter=0, seed=0, init="random")
+    cos_to_points = centres @ F.normalize(points, dim=1).T  # (k, N)
+    assert torch.allclose(cos_to_points.max(dim=1).values, torch.ones(5), atol=1e-5)  # each centre is a point
+    assert len(set(cos_to_points.argmax(dim=1).tolist())) == 5
+    with pytest.raises(ValueError):
+        evaluate.kmeans_cosine(points, 5, init="bogus")
+
+
+def test_kmeans_deterministic_under_seed_and_verbose(capsys):
+    _, _, points = separated_points(seed=3, noise=0.3)
+    first = evaluate.kmeans_cosine(points, 4, n_iter=3, batch_size=100, seed=7, verbose=True)
+    second = evaluate.kmeans_cosine(points, 4, n_iter=3, batch_size=100, seed=7)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    printed = capsys.readouterr().out
+    assert printed.count("kmeans pass") == 3 and "final assignment" in printed
+
+
+def spherical_lloyd_reference(unit, centres, n_steps=100):
+    """Full-batch spherical k-means (Lloyd) in float64 with python-level clarity: assign, mean, normalise."""
+    centres = centres.double()
+    for _ in range(n_steps):
+        assignment = (unit @ centres.T).argmax(dim=1)
+        sums = torch.zeros_like(centres)
+        for point, cluster in zip(unit, assignment.tolist()):
+            sums[cluster] += point
+        centres = torch.where(sums.norm(dim=1, keepdim=True) > 0, F.normalize(sums, dim=1), centres)
+    return centres
+
+
+def test_kmeans_loss_close_to_full_lloyd():
+    _, _, points = separated_points(seed=0, k=6, dim=8, per_cluster=250, noise=0.35)  # overlapping clusters
+    unit = F.normalize(points, dim=1).double()
+
+    def loss(centres):
+        return (1 - (unit @ centres.double().T).max(dim=1).values).mean().item()
+
+    initial, _ = evaluate.kmeans_cosine(points, 6, n_iter=0, seed=0)
+    trained, assignments = evaluate.kmeans_cosine(points, 6, n_iter=10, batch_size=128, seed=0)
+    lloyd = spherical_lloyd_reference(unit, initial, n_steps=30)
+    assert loss(trained) < loss(initial) - 0.05
+    assert loss(trained) < loss(lloyd) * 1.01  # mini-batch ends within 1 % of full Lloyd from the same start
+    assert torch.bincount(assignments, minlength=6).min() > 0
+
+
+def test_kmeans_bad_input():
+    with pytest.raises(ValueError, match="at least k"):
+        evaluate.kmeans_cosine(torch.randn(3, 4), 5)
+    with pytest.raises(ValueError):
+        evaluate.kmeans_cosine(torch.randn(3, 4, 2), 2)
+    # exactly k points, some duplicated: still k unit centres
+    centres, assignments = evaluate.kmeans_cosine(torch.ones(3, 4), 3, n_iter=2)
+    assert centres.shape == (3, 4) and torch.isfinite(centres).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# prediction
+# ----------------------------------------------------------------------------------------------------
+
+def bilinear_reference(grid, out_h, out_w):
+    """Bilinear upsampling, align_corners=False, in python loops: grid is a list of rows."""
+    in_h, in_w = len(grid), len(grid[0])
+
+    def source(index, in_size, out_size):
+        position = max((index + 0.5) * in_size / out_size - 0.5, 0.0)
+        low = min(int(math.floor(position)), in_size - 1)
+        high = min(low + 1, in_size - 1)
+        return low, high, position - low
+
+    out = [[0.0] * out_w for _ in range(out_h)]
+    for y in range(out_h):
+        y0, y1, ty = source(y, in_h, out_h)
+        for x in range(out_w):
+            x0, x1, tx = source(x, in_w, out_w)
+            out[y][x] = ((1 - ty) * ((1 - tx) * grid[y0][x0] + tx * grid[y0][x1])
+                         + ty * ((1 - tx) * grid[y1][x0] + tx * grid[y1][x1]))
+    return out
+
+
+def test_cluster_log_probs_matches_loop_reference():
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randn(2, 3, 2, 3, generator=generator)  # (B, D, h, w)
+    centres = torch.randn(4, 3, generator=generator) * 5  # (K, D), not normalised
+    out = evaluate.cluster_log_probs(codes, centres, size=(5, 7), scale=2.0)
+    assert out.shape == (2, 4, 5, 7)
+    c = codes.double().tolist()
+    for b in range(2):
+        up = [bilinear_reference(c[b][d], 5, 7) for d in range(3)]
+        for y in range(5):
+            for x in range(7):
+                vector = [up[d][y][x] for d in range(3)]
+                norm = math.sqrt(sum(v * v for v in vector))
+                logits = []
+                for k in range(4):
+                    centre = centres[k].double().tolist()
+                    centre_norm = math.sqrt(sum(v * v for v in centre))
+                    cos = sum(a * b_ for a, b_ in zip(vector, centre)) / (norm * centre_norm)
+                    logits.append(2.0 * cos)
+                log_total = math.log(sum(math.exp(v) for v in logits))
+                expected = [v - log_total for v in logits]
+                assert out[b, :, y, x].tolist() == pytest.approx(expected, abs=1e-5)
+    # size=None keeps the code resolution
+    assert evaluate.cluster_log_probs(codes, centres).shape == (2, 4, 2, 3)
+
+
+def test_flip_tta():
+    ramp = torch.arange(6.0).view(1, 1, 1, 6)
+
+    def code_fn(images):  # not flip-equivariant: depends on the absolute column
+        return images[:, :2] * ramp
+
+    images = torch.rand(2, 3, 4, 6)
+    expected = (code_fn(images) + (images[:, :2].flip(-1) * ramp).flip(-1)) / 2
+    assert torch.allclose(evaluate.flip_tta(code_fn, images), expected)
+    # a flip-equivariant code_fn is unchanged
+    assert torch.allclose(evaluate.flip_tta(lambda x: 2 * x, images), 2 * images)
+
+
+# ----------------------------------------------------------------------------------------------------
+# colours and images
+# ----------------------------------------------------------------------------------------------------
+
+def test_palette_and_colourise():
+    colours = evaluate.palette(255)
+    assert colours.shape == (255, 3) and colours.dtype == np.uint8
+    assert len({tuple(c) for c in colours.tolist()}) == 255
+    assert not (colours == 0).all(axis=1).any()
+    assert np.array_equal(evaluate.palette(27), colours[:27])  # fixed: class colours do not depend on n
+    with pytest.raises(ValueError):
+        evaluate.palette(256)
+    image = evaluate.colourise(torch.tensor([[0, 1], [-1, 26]]))
+    assert image.shape == (2, 2, 3)
+    assert (image[1, 0] == 0).all()
+    assert np.array_equal(image[0, 0], colours[0]) and np.array_equal(image[1, 1], colours[26])
+
+
+def test_format_table():
+    result = {"before_crf": {"acc": 0.5, "miou": 0.25, "iou": [0.5, float("nan")]},
+              "after_crf": {"acc": 0.75, "miou": 0.5, "iou": [0.5, 0.5]}}
+    table = evaluate.format_table(result, ["road", "sky"])
+    assert "road" in table and "sky" in table and "75.0" in table and "25.0" in table and "-" in table
+    lines = table.splitlines()
+    assert lines[-1].split() == ["mIoU", "25.0", "50.0"]
+    result["after_crf"] = None
+    assert evaluate.format_table(result).splitlines()[-2].split() == ["Acc", "50.0"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole protocol with a fake code network
+# ----------------------------------------------------------------------------------------------------
+
+CLASS_COLOURS = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0]])  # class c -> RGB
+
+
+def fake_batches(n_batches=3, batch_size=2, size=32, seed=0):
+    """Images whose colour encodes the class, labels with some void pixels. The classes form 8-pixel stripes
+    (vertical in even images, horizontal in odd ones): bilinear upsampling of 8x8-pooled codes then mixes
+    at most two classes, with the pixel's own class weighted > 1/2, so the fake predictions are exact
+    (at corners of 2-D blocks three classes mix and the protocol itself errs)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for b in range(n_batches):
+        stripes = torch.randint(0, 3, (batch_size, size // 8), generator=generator).repeat_interleave(8, 1)
+        labels = stripes[:, None, :].expand(batch_size, size, size).clone()  # (B, H, W) vertical stripes
+        labels[1::2] = labels[1::2].transpose(1, 2).clone()  # horizontal stripes in odd images
+        images = CLASS_COLOURS[labels].permute(0, 3, 1, 2)  # (B, 3, H, W)
+        images = (images + 0.03 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+        labels = labels.clone()
+        labels[:, :2, :] = -1  # void rows
+        labels[:, 2, :3] = 255  # other void ids
+        names = [f"img_{b}_{i}.png" for i in range(batch_size)]
+        batches.append({"image": images, "label": labels, "name": names})
+    return batches
+
+
+def make_code_fn(calls):
+    def code_fn(images):  # (B, 3, H, W) -> (B, 3 + 1, h, w): 8x8 mean colour (the "one-hot" class) + a constant
+        calls.append(images.shape[0])
+        pooled = F.avg_pool2d(images, 8)  # (B, 3, h, w)
+        return torch.cat([pooled - 0.3, torch.zeros_like(pooled[:, :1])], dim=1)
+    return code_fn
+
+
+def test_evaluate_end_to_end(tmp_path):
+    calls = []
+    batches = fake_batches()
+    result = evaluate.evaluate(make_code_fn(calls), batches, 3, ["red", "green", "blue"], out_dir=tmp_path,
+                               use_crf=False, n_images=4, verbose=False)
+    assert len(calls) == 3  # codes computed once per batch: pass 2 reuses them
+    before = result["before_crf"]
+    assert before["acc"] > 0.999 and before["miou"] > 0.998
+    assert result["after_crf"] is None and result["n_images"] == 6 and result["n_clusters"] == 3
+    assert result["centres"].shape == (3, 4)
+    n_labelled = sum(int(((b["label"] >= 0) & (b["label"] < 3)).sum()) for b in batches)
+    assert before["n_pixels"] == n_labelled == sum(map(sum, result["raw_confusion_before"]))
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["before_crf"]["acc"] == pytest.approx(before["acc"])
+    assert metrics["class_names"] == ["red", "green", "blue"]
+    pngs = sorted((tmp_path / "side_by_side").glob("*.png"))
+    assert [p.name for p in pngs] == ["img_0_0.png", "img_0_1.png", "img_1_0.png", "img_1_1.png"]
+    picture = np.asarray(Image.open(pngs[0]))
+    assert picture.shape == (32, 3 * 32 + 2 * 4, 3)
+    # the prediction panel is drawn in ground-truth colours through the split-wide matching
+    truth_panel, pred_panel = picture[:, 36:68], picture[:, 72:104]
+    label = batches[0]["label"][0].numpy()
+    valid = (label >= 0) & (label < 3)
+    assert (truth_panel[valid] == pred_panel[valid]).all(axis=1).mean() > 0.999
+    assert (truth_panel[~valid] == 0).all()
+
+    # given centres: no k-means, one code_fn call per batch, same result
+    calls.clear()
+    again = evaluate.evaluate(make_code_fn(calls), batches, 3, centres=result["centres"], use_crf=False,
+                              verbose=False)
+    assert len(calls) == 3 and again["before_crf"]["acc"] == before["acc"]
+
+
+def test_evaluate_fusion_hook_and_flip():
+    batches = fake_batches(n_batches=2)
+
+    def uniform_cue(images, probs_small):
+        return torch.full_like(probs_small, 1.0 / probs_small.shape[1])
+
+    def wrong_cue(images, probs_small):  # everything in cluster 0 at quarter resolution
+        low = torch.zeros(probs_small.shape[0], probs_small.shape[1], 2, 2)
+        low[:, 0] = 1.0
+        return low
+
+    base = evaluate.evaluate(make_code_fn([]), batches, 3, use_crf=False, verbose=False)
+    uniform = evaluate.evaluate(make_code_fn([]), batches, 3, use_crf=False, verbose=False,
+                                low_level_fn=uniform_cue, alpha=0.5, centres=base["centres"])
+    assert uniform["raw_confusion_before"] == base["raw_confusion_before"]  # a flat cue changes no argmax
+    wrong = evaluate.evaluate(make_code_fn([]), batches, 3, use_crf=False, verbose=False,
+                              low_level_fn=wrong_cue, alpha=1.0, centres=base["centres"])
+    assert np.count_nonzero(np.array(wrong["raw_confusion_before"]).sum(0)) == 1  # only cluster 0 predicted
+    flipped = evaluate.evaluate(make_code_fn([]), batches, 3, use_crf=False, verbose=False, flip=True,
+                                centres=base["centres"])
+    assert flipped["before_crf"]["acc"] > 0.999
+    with pytest.raises(ValueError):
+        evaluate.evaluate(make_code_fn([]), batches, 3, use_crf=False, verbose=False, alpha=1.5)
+
+
+def test_evaluate_rejects_loader_that_changes_order():
+    batches = fake_batches(n_batches=2)
+
+    class Shuffling:
+        def __init__(self):
+            self.epoch = 0
+
+        def __iter__(self):
+            self.epoch += 1
+            return iter(batches if self.epoch == 1 else batches[::-1])
+
+    with pytest.raises(ValueError, match="shuffle=False"):
+        evaluate.evaluate(make_code_fn([]), Shuffling(), 3, use_crf=False, verbose=False)
+
+
+def test_evaluate_with_crf(tmp_path):
+    pytest.importorskip("crf")
+    batches = fake_batches(n_batches=1)
+    result = evaluate.evaluate(make_code_fn([]), batches, 3, out_dir=tmp_path, use_crf=True, n_images=1,
+                               verbose=False)
+    assert result["after_crf"]["acc"] > 0.95
+    picture = np.asarray(Image.open(tmp_path / "side_by_side" / "img_0_0.png"))
+    assert picture.shape == (32, 4 * 32 + 3 * 4, 3)
+
+
+def test_predict_folder(tmp_path):
+    batches = [{"image": b["image"], "name": b["name"]} for b in fake_batches(n_batches=1)]
+    centres = F.normalize(torch.cat([CLASS_COLOURS - 0.3, torch.zeros(3, 1)], dim=1), dim=1)
+    paths = evaluate.predict_folder(make_code_fn([]), batches, centres, tmp_path, use_crf=False,
+                                    matching=[2, 0, 1])
+    assert sorted(p.name for p in paths) == ["img_0_0_mask.png", "img_0_0_overlay.png",
+                                             "img_0_1_mask.png", "img_0_1_overlay.png"]
+    mask = np.asarray(Image.open(tmp_path / "img_0_0_mask.png"))
+    assert mask.shape == (32, 32, 3)
+    # cluster c is drawn in the colour of class matching[c]
+    label = fake_batches(n_batches=1)[0]["label"][0]
+    expected = evaluate.colourise(torch.tensor([2, 0, 1])[label.clamp(0, 2)])
+    assert (mask == expected).all(axis=2)[4:].mean() > 0.999
+
+
+def test_cli_forwards_to_il2vseg(tmp_path, monkeypatch):
+    received = []
+    fake = type(sys)("il2vseg")
+    fake.main = lambda argv: received.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "il2vseg", fake)
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"")
+    assert evaluate.main([str(checkpoint), "--data", "camvid", "--out", "x"]) == 0
+    assert received == [["--eval", "--checkpoint", str(checkpoint), "--data", "camvid", "--out", "x"]]
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path / "missing.pt")])

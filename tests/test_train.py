@@ -1,0 +1,162 @@
+"""Training never loses work: short CPU runs, atomic checkpoints, exact resume, NaN stops, the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import il2vseg
+import losses
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_backbone():
+    """A small randomly initialised ViT with the DINO structure (patch 8), fast on 2 CPU cores."""
+    torch.manual_seed(123)
+    return il2vseg.VisionTransformer(patch=8, dim=32, depth=1, heads=2, pretrain_size=32).eval().requires_grad_(False)
+
+
+def config(tmp_path, **changes):
+    argv = ["--weights", "random", "--out", str(tmp_path), "--crop", "32", "--batch-size", "4",
+            "--steps", "6", "--save-every", "3", "--log-every", "100", "--fcm-iters", "5"]
+    cfg = il2vseg.parse_args(argv)
+    il2vseg.resolve_defaults(cfg, torch.device("cpu"))
+    vars(cfg).update(changes)
+    return cfg
+
+
+def run(tmp_path, backbone, **changes):
+    cfg = config(tmp_path, **changes)
+    torch.manual_seed(cfg.seed)
+    model = il2vseg.Segmenter(3, in_dim=backbone.dim, dim=8)
+    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, seed=0, length=8)
+    history = il2vseg.train(backbone, model, dataset, cfg, torch.device("cpu"), log=lambda *a: None)
+    return model, history
+
+
+def test_short_training_run_decreases_the_loss_and_writes_a_checkpoint(tmp_path):
+    model, history = run(tmp_path, tiny_backbone(), steps=30, lr_head=2e-3, lr_centres=5e-3, save_every=100)
+    assert len(history) == 30 and all(torch.isfinite(torch.tensor(history)))
+    assert sum(history[-5:]) / 5 < sum(history[:5]) / 5
+    state = il2vseg.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 30
+    for key, value in model.state_dict().items():
+        assert torch.equal(state["model"][key], value), key
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+def test_global_centres_follow_the_local_ones_during_training(tmp_path):
+    model, _ = run(tmp_path, tiny_backbone(), steps=3)
+    # after training the EMA copy differs from the local centres, but is closer to them than at start
+    assert not torch.equal(model.global_centres, model.local_centres.detach())
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    backbone = tiny_backbone()
+    full, full_history = run(tmp_path / "full", backbone, steps=6)
+    run(tmp_path / "split", backbone, steps=3)
+    resumed, resumed_history = run(tmp_path / "split", backbone, steps=6, resume=True)
+    assert resumed_history == full_history[3:]
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    a = il2vseg.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = il2vseg.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for group_a, group_b in zip(a["optimiser"]["state"].values(), b["optimiser"]["state"].values()):
+        assert torch.equal(group_a["exp_avg"], group_b["exp_avg"])
+
+
+def test_a_run_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    backbone = tiny_backbone()
+    run(tmp_path, backbone, steps=3)
+    real_save = torch.save
+
+    def dying_save(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")  # the process dies after writing part of the file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, backbone, steps=6, resume=True)
+    monkeypatch.setattr(torch, "save", real_save)
+    state = il2vseg.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 3
+
+
+def test_nan_in_a_loss_stops_training_naming_the_term(tmp_path, monkeypatch):
+    backbone = tiny_backbone()
+    real = losses.feature_similarity_losses
+
+    def broken(*args, **kwargs):
+        fs, reg = real(*args, **kwargs)
+        return fs * float("nan"), reg
+
+    monkeypatch.setattr(losses, "feature_similarity_losses", broken)
+    with pytest.raises(FloatingPointError) as info:
+        run(tmp_path, backbone, steps=2)
+    message = str(info.value)
+    assert "step 1" in message and "fs" in message and "nan" in message and "\n" not in message
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(il2vseg.CheckpointError, match="checkpoint.pt: cannot be read"):
+        il2vseg.load_checkpoint(tmp_path / "checkpoint.pt")
+    with pytest.raises(il2vseg.CheckpointError, match="no such checkpoint"):
+        il2vseg.load_checkpoint(tmp_path / "none.pt")
+
+
+def test_batches_depend_only_on_seed_and_step():
+    whole = list(il2vseg.batches_for_steps(10, 3, seed=1, start_step=0, n_steps=7))
+    tail = list(il2vseg.batches_for_steps(10, 3, seed=1, start_step=4, n_steps=7))
+    assert whole[4:] == tail
+    first_epoch = [i for _, i in sum(whole[:3], [])]
+    assert len(set(first_epoch)) == 9  # no image twice within an epoch
+
+
+@pytest.mark.parametrize("argv", [["--alpha", "1.5"], ["--data", "nope"], ["--data", "folder"]])
+def test_bad_settings_are_one_clear_line(argv, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "il2vseg.py"), "--train", "--weights", "random",
+                             "--out", str(tmp_path)] + argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+def test_missing_dataset_folder_is_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "il2vseg.py"), "--train", "--weights", "random",
+                             "--data", "cityscapes", "--data-root", str(tmp_path / "nowhere"),
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "nowhere" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_train_eval_predict_resume_end_to_end(tmp_path):
+    """The README's main command in miniature: train, evaluate, predict, resume."""
+    out = tmp_path / "run"
+    common = [sys.executable, str(REPO / "il2vseg.py"), "--weights", "random", "--out", str(out),
+              "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--eval-images", "4",
+              "--save-images", "2", "--fcm-iters", "5"]
+    result = subprocess.run(common + ["--train", "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "RANDOMLY INITIALISED" in result.stdout and "mIoU" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["before_crf"]["acc"] <= 1 and 0 <= metrics["after_crf"]["miou"] <= 1
+    assert len(list((out / "side_by_side").glob("*.png"))) == 2
+    assert il2vseg.load_checkpoint(out / "checkpoint.pt")["step"] == 2
+
+    result = subprocess.run(common + ["--train", "--resume", "--steps", "3"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resumed" in result.stdout and il2vseg.load_checkpoint(out / "checkpoint.pt")["step"] == 3
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    from PIL import Image
+    Image.new("RGB", (50, 37), (200, 30, 30)).save(folder / "red.png")
+    result = subprocess.run(common + ["--eval", "--predict", str(folder)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (out / "predictions" / "red_mask.png").is_file() and (out / "predictions" / "red_overlay.png").is_file()
