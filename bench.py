@@ -118,14 +118,15 @@ def main():
     add("train step 224x224: low-level branch", t_low, f"batch {args.batch}", "< 10% of a step")
     add("train step 224x224: head + losses + update", t_step - t_backbone - t_low, f"batch {args.batch}")
     add("train step 224x224: total", t_step, f"batch {args.batch}",
-        f"{t_step / (t_backbone / 2):.2f}x one backbone pass (target <= 2x)")
+        f"{t_step / t_backbone:.2f}x the step's backbone forward (target <= 2x)")
 
     # ---- dense CRF
     frame = None
     if args.camvid:
         paths = sorted(Path(args.camvid).glob("*.png"))
         if paths:
-            frame = data.load_image(paths[0])  # (3, 360, 480) in [0, 1]
+            array, _ = data.read_rgb(paths[0])  # (360, 480, 3) uint8
+            frame = torch.from_numpy(array).permute(2, 0, 1).float() / 255  # (3, 360, 480) in [0, 1]
     if frame is None:
         frame = torch.rand(3, 360, 480)
     for (h, w), k in (((360, 480), 11), ((320, 320), 27)):

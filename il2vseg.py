@@ -689,7 +689,8 @@ def parse_args(argv=None):
     d.add_argument("--crop", type=int, default=None, help="training crop (default: 224 on CUDA; 96 on the CPU for synthetic)")
     d.add_argument("--eval-crop", type=int, default=None, help="evaluation centre crop (default: 320; 160 on the CPU for synthetic)")
     d.add_argument("--eval-images", type=int, default=None, help="evaluate on at most this many images (default: all)")
-    d.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    d.add_argument("--num-workers", type=int, default=None,
+                   help="data loader worker processes (default: up to 8 on CUDA, 0 on the CPU)")
 
     m = p.add_argument_group("model")
     m.add_argument("--arch", default="vits8", choices=sorted(VIT_CONFIGS), help="DINO backbone")
@@ -744,6 +745,8 @@ def resolve_defaults(cfg, device):
     cfg.batch_size = cfg.batch_size or (32 if cuda else 8)
     if cfg.steps is None:
         cfg.steps = 3000 if cfg.data != "synthetic" else (300 if cuda else 40)
+    if cfg.num_workers is None:  # on the CPU, workers would compete with the model for the cores
+        cfg.num_workers = min(8, os.cpu_count() or 1) if cuda else 0
     cfg.out = cfg.out or str(Path("runs") / cfg.data)
     if cfg.data not in data.DATASETS:
         raise ValueError(f"--data {cfg.data}: unknown data set, choose one of {', '.join(sorted(data.DATASETS))}")
