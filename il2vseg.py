@@ -439,6 +439,16 @@ def load_checkpoint(path):
     return state
 
 
+def restore(module, state, path):
+    """load_state_dict with a one-line error when the checkpoint is from another configuration."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()
+        raise CheckpointError(f"{path} does not fit this {type(module).__name__} (another --data, --dim "
+                              f"or --arch?): {first[-1].strip()[:200] if first else error}") from None
+
+
 def rng_state(generator):
     state = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
              "python": list(random.getstate()[1]),
@@ -517,8 +527,8 @@ def train(backbone, model, dataset, cfg, device, log=print):
     if cfg.resume:
         resume_path = Path(cfg.resume) if isinstance(cfg.resume, str) else checkpoint_path
         state = load_checkpoint(resume_path)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
+        restore(model, state["model"], resume_path)
+        restore(optimiser, state["optimiser"], resume_path)
         set_rng_state(state["rng"], generator)
         start_step = int(state["step"])
         log(f"resumed from {resume_path} at step {start_step}")
@@ -686,8 +696,8 @@ def parse_args(argv=None):
     d.add_argument("--n-classes", type=int, default=None, help="number of classes K (needed for --data folder)")
     d.add_argument("--train-split", default="train", help="split used for training")
     d.add_argument("--val-split", default="val", help="split used for evaluation")
-    d.add_argument("--crop", type=int, default=None, help="training crop (default: 224 on CUDA; 96 on the CPU for synthetic)")
-    d.add_argument("--eval-crop", type=int, default=None, help="evaluation centre crop (default: 320; 160 on the CPU for synthetic)")
+    d.add_argument("--crop", type=int, default=None, help="training crop (default: 224; 128 for synthetic on the CPU)")
+    d.add_argument("--eval-crop", type=int, default=None, help="evaluation centre crop (default: 320; 192 for synthetic on the CPU)")
     d.add_argument("--eval-images", type=int, default=None, help="evaluate on at most this many images (default: all)")
     d.add_argument("--num-workers", type=int, default=None,
                    help="data loader worker processes (default: up to 8 on CUDA, 0 on the CPU)")
@@ -700,7 +710,7 @@ def parse_args(argv=None):
     m.add_argument("--dropout", type=float, default=0.2, help="Dropout2d on the features before the head")
 
     t = p.add_argument_group("training (paper defaults)")
-    t.add_argument("--steps", type=int, default=None, help="training steps (default: 3000; synthetic: 300 on CUDA, 40 on the CPU)")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: 3000; synthetic: 300 on CUDA, 60 on the CPU)")
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32 on CUDA, 8 on the CPU)")
     t.add_argument("--lr-head", type=float, default=1e-4, help="Adam learning rate of the projection head")
     t.add_argument("--lr-centres", type=float, default=5e-4, help="Adam learning rate of the local centres")
@@ -740,11 +750,11 @@ def resolve_defaults(cfg, device):
 
     cuda = device.type == "cuda"
     quick = cfg.data == "synthetic" and not cuda  # the out-of-the-box CPU run must stay short
-    cfg.crop = cfg.crop or (96 if quick else 224)
-    cfg.eval_crop = cfg.eval_crop or (160 if quick else 320)
+    cfg.crop = cfg.crop or (128 if quick else 224)
+    cfg.eval_crop = cfg.eval_crop or (192 if quick else 320)
     cfg.batch_size = cfg.batch_size or (32 if cuda else 8)
     if cfg.steps is None:
-        cfg.steps = 3000 if cfg.data != "synthetic" else (300 if cuda else 40)
+        cfg.steps = 3000 if cfg.data != "synthetic" else (300 if cuda else 60)
     if cfg.num_workers is None:  # on the CPU, workers would compete with the model for the cores
         cfg.num_workers = min(8, os.cpu_count() or 1) if cuda else 0
     cfg.out = cfg.out or str(Path("runs") / cfg.data)
@@ -827,11 +837,10 @@ def run_ablation(cfg, backbone, device, log=print):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    cfg.train = cfg.train or bool(cfg.resume)
     if not (cfg.train or cfg.eval or cfg.predict or cfg.ablation):
-        cfg.train = True if cfg.resume else cfg.train
-        if not cfg.train:
-            print("nothing to do: pass --train, --eval, --predict FOLDER or --ablation (see --help)")
-            return 2
+        print("nothing to do: pass --train, --eval, --predict FOLDER or --ablation (see --help)", file=sys.stderr)
+        return 2
     try:
         device = pick_device(cfg.device)
         resolve_defaults(cfg, device)
@@ -843,19 +852,24 @@ def main(argv=None):
         if cfg.ablation:
             run_ablation(cfg, backbone, device)
             return 0
-        if cfg.train:
-            train_and_evaluate(cfg, backbone, device)
-            return 0
         import data
         n_classes = cfg.n_classes or data.DATASETS[cfg.data]["n_classes"]
-        state = load_checkpoint(cfg.checkpoint or Path(cfg.out) / "checkpoint.pt")
-        model = build_model(cfg, backbone, int(state["n_clusters"]), device)
-        model.load_state_dict(state["model"])
-        if cfg.eval:
-            if int(state["n_clusters"]) != n_classes:
-                raise CheckpointError(f"the checkpoint has {state['n_clusters']} clusters, --data {cfg.data} "
-                                      f"has {n_classes} classes")
-            run_evaluation(backbone, model, cfg, device, cfg.out)
+        if cfg.train:  # train, then evaluate the last step
+            model, _ = train_and_evaluate(cfg, backbone, device)
+        else:
+            path = cfg.checkpoint or Path(cfg.out) / "checkpoint.pt"
+            state = load_checkpoint(path)
+            trained = state.get("config", {})
+            if trained.get("arch", cfg.arch) != cfg.arch:
+                raise CheckpointError(f"{path} was trained on --arch {trained['arch']}, not {cfg.arch}")
+            cfg.dim = trained.get("dim", cfg.dim)  # the head's shape comes from the checkpoint
+            model = build_model(cfg, backbone, int(state["n_clusters"]), device)
+            restore(model, state["model"], path)
+            if cfg.eval:
+                if int(state["n_clusters"]) != n_classes:
+                    raise CheckpointError(f"the checkpoint has {state['n_clusters']} clusters, --data "
+                                          f"{cfg.data} has {n_classes} classes")
+                run_evaluation(backbone, model, cfg, device, cfg.out)
         if cfg.predict:
             predict_folder(backbone, model, cfg, device, cfg.predict, Path(cfg.out) / "predictions")
         return 0

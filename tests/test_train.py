@@ -160,3 +160,29 @@ def test_cli_train_eval_predict_resume_end_to_end(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert (out / "predictions" / "red_mask.png").is_file() and (out / "predictions" / "red_overlay.png").is_file()
+
+
+def test_ablation_commands_print_their_tables(tmp_path, capsys):
+    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--steps", "1",
+              "--eval-images", "4", "--save-images", "0", "--no-crf", "--fcm-iters", "3"]
+    assert il2vseg.main(["--ablation", "loss", "--out", str(tmp_path / "loss")] + common) == 0
+    table = (tmp_path / "loss" / "ablation_loss.txt").read_text()
+    assert "Table 4" in table and "(4) L_smo + L_fs + L_corr" in table and table.count("\n") == 6
+    assert il2vseg.main(["--ablation", "alpha", "--out", str(tmp_path / "alpha")] + common) == 0
+    table = (tmp_path / "alpha" / "ablation_alpha.txt").read_text()
+    assert "Figure 5" in table and all(f"alpha = {a}" in table for a in (0.0, 0.25, 0.5, 0.75, 1.0))
+    assert "Figure 5" in capsys.readouterr().out
+
+
+def test_checkpoint_of_another_configuration_is_one_clear_line(tmp_path, capsys):
+    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4",
+              "--eval-images", "4", "--save-images", "0", "--no-crf", "--fcm-iters", "3", "--out", str(tmp_path)]
+    assert il2vseg.main(["--train", "--steps", "1", "--dim", "16"] + common) == 0
+    # evaluation takes the head's shape from the checkpoint, whatever --dim says
+    assert il2vseg.main(["--eval"] + common) == 0
+    # resuming into a head of another shape cannot work: one line naming the file
+    cfg = config(tmp_path, resume=True, steps=2)
+    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, length=8)
+    with pytest.raises(il2vseg.CheckpointError, match=r"checkpoint.pt does not fit this Segmenter"):
+        il2vseg.train(tiny_backbone(), il2vseg.Segmenter(5, in_dim=32, dim=16), dataset, cfg,
+                      torch.device("cpu"), log=lambda *a: None)
