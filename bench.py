@@ -126,7 +126,7 @@ def main():
         paths = sorted(Path(args.camvid).glob("*.png"))
         if paths:
             array, _ = data.read_rgb(paths[0])  # (360, 480, 3) uint8
-            frame = torch.from_numpy(array).permute(2, 0, 1).float() / 255  # (3, 360, 480) in [0, 1]
+            frame = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255  # (3, 360, 480) in [0, 1]
     if frame is None:
         frame = torch.rand(3, 360, 480)
     for (h, w), k in (((360, 480), 11), ((320, 320), 27)):
