@@ -283,8 +283,14 @@ def _fused_probs(codes, images, centres, size, scale, low_level_fn, alpha):
     resolution (B, K, h, w) and must return the low-level cue F_l ALREADY ALIGNED to the K clusters,
     (B, K, h', w') at any resolution (bilinearly resized to `size` here), rows summing to 1 over K.
     Returns (B, K, H, W) probabilities.
+
+    Eq (13) is applied to the scores, as in training: F_f = (1 - alpha) cos + alpha F_l, and the
+    probabilities are softmax(scale * F_f). Since log_softmax(scale * cos) = scale * cos - c(pixel)
+    and a per-pixel constant cancels in the softmax, this is
+    softmax((1 - alpha) log_probs + alpha * scale * F_l); alpha = 1 gives argmax F_l.
     """
-    probs = cluster_log_probs(codes, centres, size=size, scale=scale).exp()  # (B, K, H, W)
+    log_probs = cluster_log_probs(codes, centres, size=size, scale=scale)  # (B, K, H, W)
+    probs = log_probs.exp()
     if low_level_fn is None or alpha <= 0:
         return probs
     probs_small = cluster_log_probs(codes, centres, size=None, scale=scale).exp()  # (B, K, h, w)
@@ -295,7 +301,7 @@ def _fused_probs(codes, images, centres, size, scale, low_level_fn, alpha):
     low = low.to(device=probs.device, dtype=probs.dtype)
     if low.shape[-2:] != probs.shape[-2:]:
         low = F.interpolate(low, size=probs.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
-    return (1.0 - alpha) * probs + alpha * low  # eq (13), applied at label resolution
+    return torch.softmax((1.0 - alpha) * log_probs + alpha * scale * low, dim=1)  # eq (13), at label resolution
 
 
 def _refine_with_crf(images, probs, crf_kwargs):

@@ -125,13 +125,19 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def position_embedding(self, h, w):
-        """pos_embed for an h x w patch grid; the patch part is bicubically interpolated."""
+        """pos_embed for an h x w patch grid; the patch part is bicubically interpolated.
+
+        Exactly as DINO's interpolate_pos_encoding: scale factors (h + 0.1) / side and
+        (w + 0.1) / side (the 0.1 avoids floating-point rounding of the output size), so the
+        features match those of DINO, STEGO and SmooSeg at every input size.
+        """
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1,1,dim), (1,n,dim)
         side = int(math.sqrt(patch_pos.shape[1]))
         if (h, w) == (side, side):
             return self.pos_embed
         grid = patch_pos.reshape(1, side, side, self.dim).permute(0, 3, 1, 2)  # (1, dim, side, side)
-        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+        grid = F.interpolate(grid.float(), scale_factor=((h + 0.1) / side, (w + 0.1) / side),
+                             mode="bicubic", align_corners=False)  # (1, dim, h, w)
         patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, self.dim)
         return torch.cat([cls_pos, patch_pos], dim=1)  # (1, 1 + h*w, dim)
 
@@ -229,6 +235,10 @@ def load_dino(arch="vits8", weights=None, log=print):
         except (urllib.error.URLError, OSError, ConnectionError) as error:
             raise WeightsError(f"cannot get the DINO {arch} weights ({type(error).__name__}: "
                                f"{error}); {offline_hint(arch)}") from None
+        except Exception as error:  # a corrupt or truncated file in the cache
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+            raise WeightsError(f"{cached}: cannot be read as a torch file ({type(error).__name__}); delete it "
+                               f"and download it again; {offline_hint(arch)}") from None
         load_backbone_state(model, state, Path(url).name)
     else:
         path = Path(weights)
@@ -337,6 +347,7 @@ class Segmenter(nn.Module):
         self.head = ProjectionHead(in_dim, dim, dropout)
         local = torch.empty(n_clusters, dim)
         nn.init.xavier_normal_(local)
+        local = F.normalize(local, dim=1)  # unit rows, as SmooSeg
         self.local_centres = nn.Parameter(local)  # (K, D)
         self.register_buffer("global_centres", local.clone())  # (K, D)
 
@@ -374,7 +385,8 @@ def loss_terms(backbone, model, images, cfg, generator):
     n_clusters = model.local_centres.shape[0]
     augmented = data.photometric_augment(images, generator=generator)  # I~: colour/luminosity jitter
     feats_both = backbone_features(backbone, torch.cat([images, augmented]))  # (2B, C1, h, w)
-    codes_both = model(feats_both)  # (2B, D, h, w)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        codes_both = model(feats_both).float()  # (2B, D, h, w); the losses compute in float32
     feats, feats_aug = feats_both[:B], feats_both[B:]
     codes, codes_aug = codes_both[:B], codes_both[B:]
 
@@ -451,6 +463,7 @@ def restore(module, state, path):
 
 def rng_state(generator):
     state = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+             "generator_device": generator.device.type,
              "python": list(random.getstate()[1]),
              "numpy": [torch.from_numpy(np.random.get_state()[1].astype(np.int64))]
              + list(np.random.get_state()[2:])}
@@ -459,9 +472,13 @@ def rng_state(generator):
     return state
 
 
-def set_rng_state(state, generator):
+def set_rng_state(state, generator, log=print):
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
+    if state.get("generator_device", "cpu") == generator.device.type:
+        generator.set_state(state["generator"])
+    else:  # CPU and CUDA generators have different states: the run goes on, but not bit-identically
+        log(f"note: the checkpoint was trained on {state.get('generator_device')}, this run is on "
+            f"{generator.device.type}: its random stream restarts from --seed (not bit-identical)")
     random.setstate((3, tuple(int(v) for v in state["python"]), None))
     keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(position), int(has_gauss), float(cached)))
@@ -502,6 +519,10 @@ class EpochItems(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
+# settings a resumed run must share with the checkpoint (they decide data order and shapes)
+RESUME_MUST_MATCH = ("data", "arch", "dim", "batch_size", "crop", "seed", "five_crop")
+
+
 def make_optimiser(model, cfg):
     return torch.optim.Adam([
         {"params": model.head.parameters(), "lr": cfg.lr_head},
@@ -527,9 +548,14 @@ def train(backbone, model, dataset, cfg, device, log=print):
     if cfg.resume:
         resume_path = Path(cfg.resume) if isinstance(cfg.resume, str) else checkpoint_path
         state = load_checkpoint(resume_path)
+        trained = state.get("config", {})
+        for key in RESUME_MUST_MATCH:
+            if key in trained and trained[key] != getattr(cfg, key):
+                raise CheckpointError(f"{resume_path} was trained with --{key.replace('_', '-')} {trained[key]}, "
+                                      f"this run asks for {getattr(cfg, key)}: resume with the same setting")
         restore(model, state["model"], resume_path)
         restore(optimiser, state["optimiser"], resume_path)
-        set_rng_state(state["rng"], generator)
+        set_rng_state(state["rng"], generator, log)
         start_step = int(state["step"])
         log(f"resumed from {resume_path} at step {start_step}")
         if start_step >= cfg.steps:
@@ -552,7 +578,8 @@ def train(backbone, model, dataset, cfg, device, log=print):
         terms = loss_terms(backbone, model, images, cfg, generator)
         try:
             total, values = losses.total_loss(terms, beta=cfg.beta, gamma=cfg.gamma, use_smo=cfg.use_smo,
-                                              use_fs=cfg.use_fs, use_corr=cfg.use_corr, use_reg=cfg.use_reg)
+                                              use_data=cfg.use_smo, use_fs=cfg.use_fs, use_corr=cfg.use_corr,
+                                              use_reg=cfg.use_reg)
         except FloatingPointError as error:
             raise FloatingPointError(f"step {step + 1}: {error} (last good checkpoint: {checkpoint_path})") from None
         optimiser.zero_grad(set_to_none=True)
@@ -598,14 +625,27 @@ def make_low_level_fn(backbone, n_clusters, cfg):
     return low_level_fn
 
 
-def run_evaluation(backbone, model, cfg, device, out_dir, log=print):
+def build_eval_dataset(cfg):
+    import data
+    return data.build_dataset(cfg.data, cfg.data_root, split=cfg.val_split, mode="eval", crop_size=cfg.eval_crop,
+                              n_classes=cfg.n_classes, seed=cfg.seed, length=cfg.eval_images)
+
+
+def has_labels(dataset):
+    return any(sample.get("label") is not None or sample.get("format") == "synthetic"
+               for sample in getattr(dataset, "samples", [{"label": True}]))
+
+
+def run_evaluation(backbone, model, cfg, device, out_dir, log=print, dataset=None):
     import data
     import evaluate
 
     info = data.DATASETS[cfg.data]
-    dataset = data.build_dataset(cfg.data, cfg.data_root, split=cfg.val_split, mode="eval",
-                                 crop_size=cfg.eval_crop, n_classes=cfg.n_classes, seed=cfg.seed,
-                                 length=cfg.eval_images)
+    dataset = dataset if dataset is not None else build_eval_dataset(cfg)
+    if not has_labels(dataset):
+        log(f"evaluation skipped: the {cfg.val_split} split of {cfg.data_root} has no labels "
+            f"(use --predict FOLDER to see the segmentation)")
+        return None
     loader = data.make_loader(dataset, batch_size=cfg.eval_batch_size, shuffle=False,
                               num_workers=cfg.num_workers)
     n_classes = cfg.n_classes or info["n_classes"]
@@ -628,6 +668,7 @@ class PredictImages(torch.utils.data.Dataset):
         import data
         self.paths = data.list_images(folder, "a folder of image files")
         self.short, self.patch = short, patch
+        self.said = set()
 
     def __len__(self):
         return len(self.paths)
@@ -635,9 +676,10 @@ class PredictImages(torch.utils.data.Dataset):
     def __getitem__(self, index):
         import data
         array, note = data.read_rgb(self.paths[index])
-        if note:
+        if note and note.split(" (e.g.")[0] not in self.said:  # each kind of conversion said once
+            self.said.add(note.split(" (e.g.")[0])
             print(f"note: {note}")
-        image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)  # (3, H, W)
+        image = torch.from_numpy(np.array(array)).permute(2, 0, 1)  # (3, H, W), a writable copy
         image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
         height, width = image.shape[1:]
         scale = self.short / min(height, width)
@@ -655,8 +697,11 @@ def predict_folder(backbone, model, cfg, device, folder, out_dir, log=print):
         raise ValueError(f"--predict {folder}: no such folder")
     images = PredictImages(folder, cfg.eval_crop, backbone.patch)
     loader = torch.utils.data.DataLoader(images, batch_size=1, num_workers=cfg.num_workers)
+    n_clusters = model.global_centres.shape[0]
+    low_level_fn = make_low_level_fn(backbone, n_clusters, cfg) if cfg.eval_alpha > 0 else None
     paths = evaluate.predict_folder(make_code_fn(backbone, model), loader, model.global_centres, out_dir,
-                                    device=device, use_crf=not cfg.no_crf, flip=cfg.flip_tta)
+                                    device=device, use_crf=not cfg.no_crf, flip=cfg.flip_tta,
+                                    low_level_fn=low_level_fn, alpha=cfg.eval_alpha)
     log(f"wrote {len(paths)} files for {len(images)} images to {out_dir}")
     return paths
 
@@ -674,10 +719,22 @@ ALPHA_ABLATION = [0.0, 0.25, 0.5, 0.75, 1.0]  # the paper's Figure 5
 # Command line
 # --------------------------------------------------------------------------------------------
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every flag with a real default; flags whose default depends on
+    the device or data set (None) and on/off switches say theirs in their help text."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool)
+                or "default" in text):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="IL2Vseg: unsupervised semantic segmentation with low-level visual cues.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsFormatter)
     a = p.add_argument_group("what to do")
     a.add_argument("--train", action="store_true", help="train the head and centres, then evaluate")
     a.add_argument("--eval", action="store_true", help="evaluate --checkpoint (or OUT/checkpoint.pt) on the val split")
@@ -698,6 +755,8 @@ def parse_args(argv=None):
     d.add_argument("--val-split", default="val", help="split used for evaluation")
     d.add_argument("--crop", type=int, default=None, help="training crop (default: 224; 128 for synthetic on the CPU)")
     d.add_argument("--eval-crop", type=int, default=None, help="evaluation centre crop (default: 320; 192 for synthetic on the CPU)")
+    d.add_argument("--five-crop", action="store_true",
+                   help="train on STEGO's five crops (corners + centre, half size) of every image")
     d.add_argument("--eval-images", type=int, default=None, help="evaluate on at most this many images (default: all)")
     d.add_argument("--num-workers", type=int, default=None,
                    help="data loader worker processes (default: up to 8 on CUDA, 0 on the CPU)")
@@ -744,32 +803,53 @@ def parse_args(argv=None):
 
 
 def resolve_defaults(cfg, device):
-    """Fill the device-dependent defaults and the per-data-set loss constants."""
+    """Fill the device-dependent defaults and the per-data-set loss constants; check every number."""
     import data
     import losses
 
     cuda = device.type == "cuda"
     quick = cfg.data == "synthetic" and not cuda  # the out-of-the-box CPU run must stay short
-    cfg.crop = cfg.crop or (128 if quick else 224)
-    cfg.eval_crop = cfg.eval_crop or (192 if quick else 320)
-    cfg.batch_size = cfg.batch_size or (32 if cuda else 8)
-    if cfg.steps is None:
-        cfg.steps = 3000 if cfg.data != "synthetic" else (300 if cuda else 60)
-    if cfg.num_workers is None:  # on the CPU, workers would compete with the model for the cores
-        cfg.num_workers = min(8, os.cpu_count() or 1) if cuda else 0
-    cfg.out = cfg.out or str(Path("runs") / cfg.data)
+    defaults = {"crop": 128 if quick else 224, "eval_crop": 192 if quick else 320,
+                "batch_size": 32 if cuda else 8,
+                "steps": 3000 if cfg.data != "synthetic" else (300 if cuda else 60),
+                # on the CPU, loader workers would compete with the model for the cores
+                "num_workers": min(8, os.cpu_count() or 1) if cuda else 0,
+                "out": str(Path("runs") / cfg.data),
+                "fcm_sigma": fcm_default("sigma"), "fcm_iters": fcm_default("max_iter")}
+    for key, value in defaults.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+
     if cfg.data not in data.DATASETS:
         raise ValueError(f"--data {cfg.data}: unknown data set, choose one of {', '.join(sorted(data.DATASETS))}")
     if cfg.data == "folder" and not cfg.n_classes:
         raise ValueError("--data folder needs --n-classes K")
-    if not 0.0 <= cfg.alpha <= 1.0 or not 0.0 <= cfg.eval_alpha <= 1.0:
-        raise ValueError("--alpha and --eval-alpha must lie in [0, 1]")
-    if cfg.smooth_temperature <= 0:
-        raise ValueError("--smooth-temperature must be > 0")
-    if cfg.fcm_sigma is None:
-        cfg.fcm_sigma = fcm_default("sigma")
-    if cfg.fcm_iters is None:
-        cfg.fcm_iters = fcm_default("max_iter")
+    at_least = {"steps": 1, "batch_size": 1, "crop": 8, "eval_crop": 8, "save_every": 1, "log_every": 1,
+                "dim": 1, "eval_batch_size": 1, "fcm_iters": 1, "num_workers": 0, "save_images": 0}
+    for key, minimum in at_least.items():
+        if getattr(cfg, key) < minimum:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= {minimum}, got {getattr(cfg, key)}")
+    for key in ("n_classes", "eval_images"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("alpha", "eval_alpha", "dropout"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ValueError(f"--{key.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ValueError(f"--ema must lie in [0, 1), got {cfg.ema}")
+    for key in ("lr_head", "lr_centres", "smooth_temperature", "fcm_sigma"):
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {getattr(cfg, key)}")
+    if cfg.beta < 0 or cfg.gamma < 0:
+        raise ValueError(f"--beta and --gamma must be >= 0, got {cfg.beta}, {cfg.gamma}")
+    if not cfg.fcm_m > 1:
+        raise ValueError(f"--fcm-m must be > 1 (eq 4 divides by m - 1), got {cfg.fcm_m}")
+    patch = VIT_CONFIGS[cfg.arch][0]
+    for key in ("crop", "eval_crop"):
+        if getattr(cfg, key) % patch:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)} must be a multiple of the "
+                             f"patch size {patch}")
+
     constants = losses.loss_constants(cfg.data)  # the peers' tuned shifts and weights
     cfg.shift_close = constants["smooseg_shifts"]["close"]
     cfg.shift_far = constants["smooseg_shifts"]["far"]
@@ -788,40 +868,54 @@ def pick_device(name):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
 
 
 def build_model(cfg, backbone, n_classes, device):
     return Segmenter(n_classes, in_dim=backbone.dim, dim=cfg.dim, dropout=cfg.dropout).to(device)
 
 
-def train_and_evaluate(cfg, backbone, device, log=print):
+def build_train_dataset(cfg):
+    import data
+    return data.build_dataset(cfg.data, cfg.data_root, split=cfg.train_split, mode="train", crop_size=cfg.crop,
+                              n_classes=cfg.n_classes, seed=cfg.seed, five_crop=cfg.five_crop)
+
+
+def train_and_evaluate(cfg, backbone, device, log=print, datasets=None):
+    """Train, then evaluate the last step. datasets: (train, val), built here when not given."""
     import data
 
     n_classes = cfg.n_classes or data.DATASETS[cfg.data]["n_classes"]
+    dataset, val_dataset = datasets or (build_train_dataset(cfg), build_eval_dataset(cfg))
+    torch.manual_seed(cfg.seed)  # the head's initialisation depends on --seed alone
     model = build_model(cfg, backbone, n_classes, device)
-    dataset = data.build_dataset(cfg.data, cfg.data_root, split=cfg.train_split, mode="train",
-                                 crop_size=cfg.crop, n_classes=cfg.n_classes, seed=cfg.seed)
     log(f"training on {len(dataset)} {cfg.data} images: {cfg.steps} steps, batch {cfg.batch_size}, "
         f"crop {cfg.crop}, alpha {cfg.alpha}, beta {cfg.beta}, gamma {cfg.gamma}, device {device}")
     train(backbone, model, dataset, cfg, device, log)
-    result = run_evaluation(backbone, model, cfg, device, cfg.out, log)
+    result = run_evaluation(backbone, model, cfg, device, cfg.out, log, dataset=val_dataset)
     return model, result
 
 
-def run_ablation(cfg, backbone, device, log=print):
+def run_ablation(cfg, backbone, device, log=print, datasets=None):
     import copy
 
     rows = []
-    settings = ([(f"alpha = {a}", {"alpha": a}) for a in ALPHA_ABLATION] if cfg.ablation == "alpha"
-                else LOSS_ABLATION)
+    # Figure 5: alpha in training and in the evaluated prediction (alpha = 1: the low-level cue alone)
+    settings = ([(f"alpha = {a}", {"alpha": a, "eval_alpha": a}) for a in ALPHA_ABLATION]
+                if cfg.ablation == "alpha" else LOSS_ABLATION)
+    datasets = datasets or (build_train_dataset(cfg), build_eval_dataset(cfg))
     for name, change in settings:
         run_cfg = copy.deepcopy(cfg)
         vars(run_cfg).update(change)
         run_cfg.resume = None
         run_cfg.out = str(Path(cfg.out) / ("ablation_" + "".join(c if c.isalnum() else "_" for c in name)))
         log(f"=== ablation {name} -> {run_cfg.out}")
-        _, result = train_and_evaluate(run_cfg, backbone, device, log)
+        _, result = train_and_evaluate(run_cfg, backbone, device, log, datasets)
+        if result is None:
+            raise ValueError(f"--ablation needs labels in the {cfg.val_split} split")
         rows.append((name, result))
     title = "Figure 5: low-level cue weight" if cfg.ablation == "alpha" else "Table 4: loss terms"
     lines = [title, f"{'setting':<28} {'Acc':>6} {'mIoU':>6} {'Acc+CRF':>8} {'mIoU+CRF':>9}"]
@@ -847,15 +941,21 @@ def main(argv=None):
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
+        # the data first: a wrong folder should not wait for the weights (or a long training run)
+        datasets = None
+        if cfg.train or cfg.ablation:
+            datasets = (build_train_dataset(cfg), build_eval_dataset(cfg))
+        elif cfg.eval:
+            datasets = (None, build_eval_dataset(cfg))
         backbone = load_dino(cfg.arch, cfg.weights).to(device)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         if cfg.ablation:
-            run_ablation(cfg, backbone, device)
+            run_ablation(cfg, backbone, device, datasets=datasets)
             return 0
         import data
         n_classes = cfg.n_classes or data.DATASETS[cfg.data]["n_classes"]
         if cfg.train:  # train, then evaluate the last step
-            model, _ = train_and_evaluate(cfg, backbone, device)
+            model, _ = train_and_evaluate(cfg, backbone, device, datasets=datasets)
         else:
             path = cfg.checkpoint or Path(cfg.out) / "checkpoint.pt"
             state = load_checkpoint(path)
@@ -869,7 +969,7 @@ def main(argv=None):
                 if int(state["n_clusters"]) != n_classes:
                     raise CheckpointError(f"the checkpoint has {state['n_clusters']} clusters, --data "
                                           f"{cfg.data} has {n_classes} classes")
-                run_evaluation(backbone, model, cfg, device, cfg.out)
+                run_evaluation(backbone, model, cfg, device, cfg.out, dataset=datasets[1])
         if cfg.predict:
             predict_folder(backbone, model, cfg, device, cfg.predict, Path(cfg.out) / "predictions")
         return 0

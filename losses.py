@@ -360,7 +360,7 @@ def correspondence_terms(feats, codes, feats_aug, codes_aug, shifts, weights, ge
     n_points: n x n random points per image (STEGO: 11). n_negatives: permutations (STEGO: 5).
 
     Two point sets are drawn per image, coords1 and coords2 ((B, n, n, 2) each), then
-      (a) "corr_intra": I at coords1 with I at coords2              shift/weight "pos_intra"
+      (a) "corr_intra": I at coords1 with itself (all point pairs)  shift/weight "pos_intra"
       (b) "corr_aug"  : I at coords1 with Ĩ at coords2              shift/weight "pos_inter"
           (the paper's contrast loss based on colour and luminosity invariance; it replaces STEGO's
           kNN positive, so no kNN file is needed)
@@ -396,7 +396,7 @@ def correspondence_terms(feats, codes, feats_aug, codes_aug, shifts, weights, ge
     codes2 = sample_points(codes, coords2)  # (B, D, n, n)
 
     # partners of I at coords1, one chunk of B images per pairing
-    partner_feats, partner_codes, pair_shifts = [feats2], [codes2], [shifts["pos_intra"]]  # (a)
+    partner_feats, partner_codes, pair_shifts = [feats1], [codes1], [shifts["pos_intra"]]  # (a), as STEGO
     if feats_aug is not None:  # (b) the photometric copy Ĩ (pixel-aligned, other random points)
         partner_feats.append(sample_points(feats_aug, coords2))  # (B, C, n, n)
         partner_codes.append(sample_points(codes_aug, coords2))  # (B, D, n, n)
@@ -444,10 +444,12 @@ def feature_similarity_losses(codes, fused, image_small, tau=0.1, sigma_xy=3.0, 
         a normalised graph-Laplacian smoothness: pixels that are similar in code, nearby and alike
         in colour are pushed to the same fused distribution. In [0, 1]; 0 when all q_i are equal.
       L_reg = (K |mean_i q_i|^2 - 1) / (K - 1)  =  (mean_ij G_ij - 1/K) / (1 - 1/K)
-        0 for perfectly balanced clusters, 1 when all pixels collapse into one cluster (K = 1: 0).
-        It is the regulariser that keeps L_fs from being minimised by the collapse. (Note that
-        uniform q_i = 1/K also give 0: confident assignments come from tau and the data term.)
-    Both are computed per image and averaged over the batch.
+        with the mean over all pixels of ALL images of the batch: 0 for perfectly balanced
+        clusters, 1 when all pixels collapse into one cluster (K = 1: 0). It is the regulariser
+        that keeps L_fs from being minimised by the collapse. Taken over the batch, not per image,
+        so that a crop showing only a few of the K classes is not pushed to use all of them.
+        (Uniform q_i = 1/K also give 0: confident assignments come from tau and the data term.)
+    L_fs is computed per image and averaged over the batch.
 
     Defaults: tau = 0.1 (SmooSeg's cluster-probability temperature). sigma_rgb = 0.1: colours
     further apart than ~0.3 (3 sigma) in [0, 1] RGB barely interact. sigma_xy = 3 grid cells (24
@@ -508,9 +510,8 @@ def feature_similarity_losses(codes, fused, image_small, tau=0.1, sigma_xy=3.0, 
     if n_clusters == 1:
         loss_reg = q.sum() * 0.0  # a single cluster cannot collapse: defined as 0
     else:
-        mean_q = q.mean(dim=1)  # (B, K); |mean_q|^2 = mean_ij G_ij
-        loss_reg = ((n_clusters * mean_q.pow(2).sum(dim=1) - 1)
-                    / (n_clusters - 1)).mean()  # eq (14), L_reg
+        mean_q = q.mean(dim=(0, 1))  # (K,) over the batch's pixels; |mean_q|^2 = mean_ij G_ij
+        loss_reg = (n_clusters * mean_q.pow(2).sum() - 1) / (n_clusters - 1)  # eq (14), L_reg
     return loss_fs, loss_reg
 
 

@@ -489,3 +489,20 @@ def test_cli_forwards_to_il2vseg(tmp_path, monkeypatch):
     assert received == [["--eval", "--checkpoint", str(checkpoint), "--data", "camvid", "--out", "x"]]
     with pytest.raises(SystemExit):
         evaluate.main([str(tmp_path / "missing.pt")])
+
+
+def test_fusion_at_evaluation_is_eq13_on_the_scores_as_in_training():
+    torch.manual_seed(0)
+    codes = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    centres = torch.nn.functional.normalize(torch.randn(3, 5, dtype=torch.float64), dim=1)
+    low = torch.softmax(torch.randn(2, 3, 3, 4, dtype=torch.float64), dim=1)
+    for alpha in (0.25, 0.5, 1.0):
+        probs = evaluate._fused_probs(codes, None, centres, (3, 4), 2.0, lambda images, p: low, alpha)
+        expected = torch.empty_like(probs)
+        for b in range(2):
+            for i in range(3):
+                for j in range(4):
+                    z = codes[b, :, i, j] / codes[b, :, i, j].norm()
+                    fused = (1 - alpha) * (centres @ z) + alpha * low[b, :, i, j]  # eq (13)
+                    expected[b, :, i, j] = torch.softmax(2.0 * fused, dim=0)
+        torch.testing.assert_close(probs, expected)

@@ -118,7 +118,7 @@ def ref_feature_similarity(codes, fused, image_small, tau, sigma_xy, sigma_rgb):
     batch, n_clusters, height, width = fused.shape
     pc, pf, pi = pixels(codes), pixels(fused), pixels(image_small)
     positions = [(y, x) for y in range(height) for x in range(width)]
-    l_fs, l_reg = 0.0, 0.0
+    l_fs, all_q = 0.0, []
     for b in range(batch):
         q = []
         for logits in pf[b]:
@@ -136,11 +136,12 @@ def ref_feature_similarity(codes, fused, image_small, tau, sigma_xy, sigma_rgb):
                 numerator += w * sum((a - c) ** 2 for a, c in zip(q[i], q[j]))
                 denominator += w
         l_fs += numerator / (2 * denominator)
-        # Gram form of L_reg: (mean_ij q_i . q_j - 1/K) / (1 - 1/K)
-        gram_mean = sum(sum(a * c for a, c in zip(q[i], q[j]))
-                        for i in range(len(q)) for j in range(len(q))) / len(q) ** 2
-        l_reg += (gram_mean - 1 / n_clusters) / (1 - 1 / n_clusters)
-    return l_fs / batch, l_reg / batch
+        all_q.extend(q)
+    # Gram form of L_reg over all pixels of the batch: (mean_ij q_i . q_j - 1/K) / (1 - 1/K)
+    gram_mean = sum(sum(a * c for a, c in zip(all_q[i], all_q[j]))
+                    for i in range(len(all_q)) for j in range(len(all_q))) / len(all_q) ** 2
+    l_reg = (gram_mean - 1 / n_clusters) / (1 - 1 / n_clusters)
+    return l_fs / batch, l_reg
 
 
 def rand(*shape, seed):
@@ -302,7 +303,7 @@ def test_correspondence_terms_match_composition_of_references():
     f1, c1 = ref_sample(feats, coords1), ref_sample(codes, coords1)
     f2, c2 = ref_sample(feats, coords2), ref_sample(codes, coords2)
     fa2, ca2 = ref_sample(feats_aug, coords2), ref_sample(codes_aug, coords2)
-    intra = ref_correspondence(f1, f2, c1, c2, 0.1)
+    intra = ref_correspondence(f1, f1, c1, c1, 0.1)  # STEGO: the same points with themselves
     aug = ref_correspondence(f1, fa2, c1, ca2, 0.05)
     neg = sum(ref_correspondence(f1, f2[p], c1, c2[p], 0.4) for p in perms) / 2
     assert abs(got["corr_intra"].item() - intra) < 1e-10
@@ -497,3 +498,16 @@ def test_cuda_matches_cpu():
     assert abs(a.item() - b.item()) < 1e-4
     total, values = losses.total_loss({"smo": b, "data": b, "fs": b, "reg": b, "corr": b})
     assert total.device.type == "cuda" and math.isfinite(values["total"])
+
+
+def test_reg_balances_clusters_over_the_batch_not_per_image():
+    # image 0 is all cluster 0, image 1 all cluster 1: each image alone is "collapsed", the batch is balanced
+    fused = torch.zeros(2, 2, 3, 3, dtype=torch.float64)
+    fused[0, 0] = 10.0
+    fused[1, 1] = 10.0
+    codes = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    image = torch.rand(2, 3, 3, 3, dtype=torch.float64)
+    _, balanced = losses.feature_similarity_losses(codes, fused, image)
+    fused[1] = fused[0]
+    _, collapsed = losses.feature_similarity_losses(codes, fused, image)
+    assert balanced.item() < 1e-6 and collapsed.item() > 1 - 1e-6

@@ -181,8 +181,91 @@ def test_checkpoint_of_another_configuration_is_one_clear_line(tmp_path, capsys)
     # evaluation takes the head's shape from the checkpoint, whatever --dim says
     assert il2vseg.main(["--eval"] + common) == 0
     # resuming into a head of another shape cannot work: one line naming the file
-    cfg = config(tmp_path, resume=True, steps=2)
+    cfg = config(tmp_path, resume=True, steps=2, dim=16)
     dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, length=8)
     with pytest.raises(il2vseg.CheckpointError, match=r"checkpoint.pt does not fit this Segmenter"):
         il2vseg.train(tiny_backbone(), il2vseg.Segmenter(5, in_dim=32, dim=16), dataset, cfg,
                       torch.device("cpu"), log=lambda *a: None)
+    # a resumed run must see the same data stream: another batch size is refused up front
+    cfg = config(tmp_path, resume=True, steps=2, dim=16, batch_size=2)
+    with pytest.raises(il2vseg.CheckpointError, match=r"trained with --batch-size 4, this run asks for 2"):
+        il2vseg.train(tiny_backbone(), il2vseg.Segmenter(3, in_dim=32, dim=16), dataset, cfg,
+                      torch.device("cpu"), log=lambda *a: None)
+
+
+def test_gradient_reaches_only_what_each_term_should_train(tmp_path):
+    """Eq (2)/(15) wiring: the head learns through the global branch, the local centres only through
+    the data term, the global centres never by gradient (they follow by EMA)."""
+    backbone = tiny_backbone()
+    cfg = config(tmp_path)
+    torch.manual_seed(0)
+    model = il2vseg.Segmenter(3, in_dim=backbone.dim, dim=8)
+    images = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, length=4)
+    images = torch.stack([images[i]["image"] for i in range(4)])
+    terms = il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0))
+    assert set(terms) == {"data", "smo", "corr", "fs", "reg"}
+    for name, value in terms.items():
+        model.zero_grad(set_to_none=True)
+        value.backward(retain_graph=True)
+        head_grad = sum(p.grad.abs().sum() for p in model.head.parameters() if p.grad is not None)
+        local_grad = model.local_centres.grad
+        if name == "data":
+            assert head_grad == 0 and local_grad is not None and local_grad.abs().sum() > 0, name
+        else:
+            assert head_grad > 0 and (local_grad is None or local_grad.abs().sum() == 0), name
+        assert model.global_centres.grad is None
+
+
+@pytest.mark.parametrize("flag,off", [("--no-smo", {"smo", "data"}), ("--no-fs", {"fs"}),
+                                      ("--no-reg", {"reg"}), ("--no-corr", {"corr"})])
+def test_loss_switches_reach_the_total(flag, off, tmp_path, monkeypatch):
+    seen = {}
+    real = losses.total_loss
+
+    def spy(terms, **kwargs):
+        seen.update(kwargs)
+        return real(terms, **kwargs)
+
+    monkeypatch.setattr(losses, "total_loss", spy)
+    cfg = il2vseg.parse_args(["--weights", "random", "--out", str(tmp_path), "--crop", "32", "--batch-size", "4",
+                              "--steps", "1", "--fcm-iters", "3", flag])
+    il2vseg.resolve_defaults(cfg, torch.device("cpu"))
+    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, length=4)
+    il2vseg.train(tiny_backbone(), il2vseg.Segmenter(3, in_dim=32, dim=8), dataset, cfg, torch.device("cpu"),
+                  log=lambda *a: None)
+    for term in ("smo", "data", "fs", "reg", "corr"):
+        assert seen[f"use_{term}"] is (term not in off), term
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"), (["--steps", "-2"], "--steps must be >= 1"),
+    (["--save-every", "0"], "--save-every must be >= 1"), (["--ema", "1.5"], "--ema must lie in [0, 1)"),
+    (["--lr-head", "-1"], "--lr-head must be > 0"), (["--crop", "30"], "multiple of the patch size 8"),
+    (["--device", "tpu"], "--device tpu: not a device name"), (["--fcm-m", "1"], "--fcm-m must be > 1"),
+    (["--eval-images", "0"], "--eval-images must be >= 1")])
+def test_bad_numbers_are_refused_before_any_work(argv, fragment, capsys):
+    assert il2vseg.main(["--train", "--weights", "random"] + argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+
+
+def test_folder_without_labels_trains_and_skips_evaluation(tmp_path, capsys):
+    from PIL import Image
+    for split in ("train", "val"):
+        (tmp_path / "imgs" / split).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (40, 40), (60 * i, 100, 200 - 40 * i)).save(tmp_path / "imgs" / split / f"{i}.png")
+    assert il2vseg.main(["--train", "--weights", "random", "--data", "folder", "--data-root", str(tmp_path),
+                         "--n-classes", "2", "--crop", "32", "--eval-crop", "32", "--batch-size", "4",
+                         "--steps", "1", "--fcm-iters", "3", "--out", str(tmp_path / "run")]) == 0
+    assert "evaluation skipped" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_corrupt_file_in_the_hub_cache_is_one_clear_line(tmp_path, monkeypatch):
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / "dino_deitsmall8_pretrain.pth").write_bytes(b"truncated download")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(il2vseg.WeightsError, match="dino_deitsmall8_pretrain.pth: cannot be read .* delete it"):
+        il2vseg.load_dino("vits8", None)
