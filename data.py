@@ -56,6 +56,8 @@ from torch.utils.data import DataLoader, Dataset
 IGNORE = -1  # label value of void pixels everywhere in the project
 INVALID = -2  # internal marker in label tables: a raw value that must not occur (-> DataError)
 
+MAX_UPSCALE = 4  # a crop that needs an image upsampled more than this is refused (DataError)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -527,6 +529,10 @@ class SegmentationDataset(Dataset):
 
         # 2. resize the short side (bilinear for the image, nearest for the label)
         if self.resize:
+            short = min(image.shape[1:])
+            if self.resize > MAX_UPSCALE * short:  # e.g. --eval-crop 4000 on a 384-pixel image
+                raise DataError(f"{source}: resizing its short side {short} to {self.resize} would upsample "
+                                f"it {self.resize / short:.1f}x (more than {MAX_UPSCALE}x); use a smaller crop")
             image, label = resize_short_side(image, label, self.resize)
 
         # 3. crop (random in train, centre in eval) and random horizontal flip in train

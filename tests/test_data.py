@@ -466,6 +466,12 @@ def test_crop_larger_than_image(tmp_path):
     ds = build_dataset("camvid", tmp_path, "train", "train", crop_size=56, resize=0)  # native 48x64
     raises_naming("0001TP_000.png", lambda: ds[0])
     raises_naming("resize", lambda: build_dataset("camvid", tmp_path, "train", crop_size=64, resize=48))
+    # the CLI resizes the short side to the crop, so a huge crop would upsample instead: refused
+    huge = build_dataset("camvid", tmp_path, "train", "eval", crop_size=400)  # short side 48 -> 400
+    raises_naming("0001TP_000.png", lambda: huge[0])
+    with pytest.raises(DataError, match=r"upsample it 8.3x \(more than 4x\)"):
+        huge[0]
+    assert build_dataset("camvid", tmp_path, "train", "eval", crop_size=192)[0]["image"].shape == (3, 192, 192)
     raises_naming("multiple of 8", lambda: build_dataset("camvid", tmp_path, "train", crop_size=50))
     raises_naming("unknown data set", lambda: build_dataset("imagenet", tmp_path, "train"))
     raises_naming("mode", lambda: build_dataset("camvid", tmp_path, "train", mode="test"))
