@@ -520,7 +520,9 @@ class EpochItems(torch.utils.data.Dataset):
 
 
 # settings a resumed run must share with the checkpoint (they decide data order and shapes)
-RESUME_MUST_MATCH = ("data", "arch", "dim", "batch_size", "crop", "seed", "five_crop")
+RESUME_MUST_MATCH = ("data", "train_split", "arch", "dim", "dropout", "batch_size", "crop", "seed",
+                     "five_crop", "alpha", "beta", "gamma", "use_smo", "use_fs", "use_reg", "use_corr",
+                     "lr_head", "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "smooth_temperature")
 
 
 def make_optimiser(model, cfg):
@@ -814,7 +816,8 @@ def resolve_defaults(cfg, device):
                 "steps": 3000 if cfg.data != "synthetic" else (300 if cuda else 60),
                 # on the CPU, loader workers would compete with the model for the cores
                 "num_workers": min(8, os.cpu_count() or 1) if cuda else 0,
-                "out": str(Path("runs") / cfg.data),
+                # results go beside the evaluated checkpoint, else to runs/DATA
+                "out": str(Path(cfg.checkpoint).parent) if cfg.checkpoint else str(Path("runs") / cfg.data),
                 "fcm_sigma": fcm_default("sigma"), "fcm_iters": fcm_default("max_iter")}
     for key, value in defaults.items():
         if getattr(cfg, key) is None:
@@ -822,6 +825,11 @@ def resolve_defaults(cfg, device):
 
     if cfg.data not in data.DATASETS:
         raise ValueError(f"--data {cfg.data}: unknown data set, choose one of {', '.join(sorted(data.DATASETS))}")
+    if cfg.ablation and (cfg.eval or cfg.predict or cfg.resume):
+        raise ValueError("--ablation trains and evaluates every setting itself: use it without --eval, "
+                         "--predict and --resume")
+    if not (cfg.use_smo or cfg.use_fs or cfg.use_reg or cfg.use_corr):
+        raise ValueError("every loss term is switched off (--no-smo --no-fs --no-reg --no-corr): nothing to train")
     if cfg.data == "folder" and not cfg.n_classes:
         raise ValueError("--data folder needs --n-classes K")
     at_least = {"steps": 1, "batch_size": 1, "crop": 8, "eval_crop": 8, "save_every": 1, "log_every": 1,
@@ -872,6 +880,20 @@ def pick_device(name):
         return torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+def check_checkpoint(state, path, cfg):
+    """--eval / --predict: the checkpoint must fit --arch and (for --eval) the data set's classes.
+    The head's code dimension is taken from the checkpoint, whatever --dim says."""
+    import data
+
+    trained = state.get("config", {})
+    if trained.get("arch", cfg.arch) != cfg.arch:
+        raise CheckpointError(f"{path} was trained on --arch {trained['arch']}, not {cfg.arch}")
+    cfg.dim = trained.get("dim", cfg.dim)
+    n_classes = cfg.n_classes or data.DATASETS[cfg.data]["n_classes"]
+    if cfg.eval and int(state["n_clusters"]) != n_classes:
+        raise CheckpointError(f"{path} has {state['n_clusters']} clusters, --data {cfg.data} has {n_classes} classes")
 
 
 def build_model(cfg, backbone, n_classes, device):
@@ -947,28 +969,25 @@ def main(argv=None):
             datasets = (build_train_dataset(cfg), build_eval_dataset(cfg))
         elif cfg.eval:
             datasets = (None, build_eval_dataset(cfg))
+        if cfg.predict:
+            import data
+            data.list_images(cfg.predict, "a folder of image files")  # one line if missing or empty
+        state = None
+        if not cfg.train and not cfg.ablation:  # --eval / --predict: the checkpoint before the weights
+            path = cfg.checkpoint or Path(cfg.out) / "checkpoint.pt"
+            state = load_checkpoint(path)
+            check_checkpoint(state, path, cfg)
         backbone = load_dino(cfg.arch, cfg.weights).to(device)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         if cfg.ablation:
             run_ablation(cfg, backbone, device, datasets=datasets)
             return 0
-        import data
-        n_classes = cfg.n_classes or data.DATASETS[cfg.data]["n_classes"]
         if cfg.train:  # train, then evaluate the last step
             model, _ = train_and_evaluate(cfg, backbone, device, datasets=datasets)
         else:
-            path = cfg.checkpoint or Path(cfg.out) / "checkpoint.pt"
-            state = load_checkpoint(path)
-            trained = state.get("config", {})
-            if trained.get("arch", cfg.arch) != cfg.arch:
-                raise CheckpointError(f"{path} was trained on --arch {trained['arch']}, not {cfg.arch}")
-            cfg.dim = trained.get("dim", cfg.dim)  # the head's shape comes from the checkpoint
             model = build_model(cfg, backbone, int(state["n_clusters"]), device)
             restore(model, state["model"], path)
             if cfg.eval:
-                if int(state["n_clusters"]) != n_classes:
-                    raise CheckpointError(f"the checkpoint has {state['n_clusters']} clusters, --data "
-                                          f"{cfg.data} has {n_classes} classes")
                 run_evaluation(backbone, model, cfg, device, cfg.out, dataset=datasets[1])
         if cfg.predict:
             predict_folder(backbone, model, cfg, device, cfg.predict, Path(cfg.out) / "predictions")
@@ -977,7 +996,8 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint written is intact; continue with --resume", file=sys.stderr)
+        print("interrupted" + ("; the last checkpoint written is intact: continue with --resume" if cfg.train else ""),
+              file=sys.stderr)
         return 130
 
 

@@ -181,13 +181,13 @@ def test_checkpoint_of_another_configuration_is_one_clear_line(tmp_path, capsys)
     # evaluation takes the head's shape from the checkpoint, whatever --dim says
     assert il2vseg.main(["--eval"] + common) == 0
     # resuming into a head of another shape cannot work: one line naming the file
-    cfg = config(tmp_path, resume=True, steps=2, dim=16)
+    cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3)
     dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, length=8)
     with pytest.raises(il2vseg.CheckpointError, match=r"checkpoint.pt does not fit this Segmenter"):
         il2vseg.train(tiny_backbone(), il2vseg.Segmenter(5, in_dim=32, dim=16), dataset, cfg,
                       torch.device("cpu"), log=lambda *a: None)
     # a resumed run must see the same data stream: another batch size is refused up front
-    cfg = config(tmp_path, resume=True, steps=2, dim=16, batch_size=2)
+    cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, batch_size=2)
     with pytest.raises(il2vseg.CheckpointError, match=r"trained with --batch-size 4, this run asks for 2"):
         il2vseg.train(tiny_backbone(), il2vseg.Segmenter(3, in_dim=32, dim=16), dataset, cfg,
                       torch.device("cpu"), log=lambda *a: None)
@@ -269,3 +269,25 @@ def test_corrupt_file_in_the_hub_cache_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(il2vseg.WeightsError, match="dino_deitsmall8_pretrain.pth: cannot be read .* delete it"):
         il2vseg.load_dino("vits8", None)
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--train", "--predict", "/nonexistent/photos"], "/nonexistent/photos"),
+    (["--eval", "--checkpoint", "/nonexistent/checkpoint.pt"], "no such checkpoint"),
+    (["--ablation", "alpha", "--eval"], "--ablation trains and evaluates every setting itself"),
+    (["--train", "--no-smo", "--no-fs", "--no-reg", "--no-corr"], "every loss term is switched off")])
+def test_mistakes_stop_before_the_weights_load_and_before_training(argv, fragment, capsys):
+    assert il2vseg.main(argv + ["--weights", "random"]) == 1
+    captured = capsys.readouterr()
+    assert "RANDOMLY INITIALISED" not in captured.out  # the backbone was never built
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+
+
+def test_eval_results_go_beside_the_checkpoint_by_default(tmp_path):
+    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4",
+              "--eval-images", "4", "--save-images", "0", "--no-crf", "--fcm-iters", "3"]
+    assert il2vseg.main(["--train", "--steps", "1", "--out", str(tmp_path / "exp")] + common) == 0
+    (tmp_path / "exp" / "metrics.json").unlink()
+    assert il2vseg.main(["--eval", "--checkpoint", str(tmp_path / "exp" / "checkpoint.pt")] + common) == 0
+    assert (tmp_path / "exp" / "metrics.json").is_file()
