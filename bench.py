@@ -10,6 +10,7 @@ the cosine k-means of the evaluation. Targets (from the issues) are printed besi
 """
 import argparse
 import datetime
+import importlib
 import platform
 import time
 from pathlib import Path
@@ -77,7 +78,7 @@ def main():
         add("ViT-S/8 forward 224x224 (ours, torch.compile)",
             timed(lambda: il2vseg.backbone_features(compiled, images224), device), f"batch {args.batch}")
     try:
-        import timm  # optional: only for comparison, never a dependency
+        timm = importlib.import_module("timm")  # optional, only for comparison: never a dependency
         reference = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0).to(device).eval()
         mean = images224.new_tensor(il2vseg.IMAGENET_MEAN).view(1, 3, 1, 1)
 

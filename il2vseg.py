@@ -18,7 +18,6 @@ offline) or from `--weights PATH`.
 Run `python il2vseg.py --help` for the command line; README.md has the walk-through.
 """
 import argparse
-import json
 import math
 import os
 import random
