@@ -80,11 +80,10 @@ def main():
     try:
         timm = importlib.import_module("timm")  # optional, only for comparison: never a dependency
         reference = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0).to(device).eval()
-        mean = images224.new_tensor(il2vseg.IMAGENET_MEAN).view(1, 3, 1, 1)
 
         def timm_forward():
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                return reference.forward_features(images224 - mean)
+                return reference.forward_features(data.normalize(images224))
         add("ViT-S/8 forward 224x224 (timm, same precision)", timed(timm_forward, device), f"batch {args.batch}")
     except ImportError:
         pass

@@ -477,6 +477,11 @@ class SegmentationDataset(Dataset):
         self.epoch = 0
         self.said = set()  # conversion notes already said by this data set (each said once)
 
+    @property
+    def has_labels(self):
+        """True when any item has a label (synthetic scenes always do); False for image-only folders."""
+        return any(sample["format"] == "synthetic" or sample.get("label") is not None for sample in self.samples)
+
     def set_epoch(self, epoch):
         """Choose the epoch that seeds the random crops/flips (see module docstring)."""
         self.epoch = int(epoch)

@@ -20,7 +20,6 @@ Run `python il2vseg.py --help` for the command line; README.md has the walk-thro
 import argparse
 import math
 import os
-import random
 import sys
 import time
 import urllib.error
@@ -49,10 +48,6 @@ VIT_CONFIGS = {
     "vits16": (16, 384, 12, 6),
     "vitb8": (8, 768, 12, 12),
 }
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class WeightsError(RuntimeError):
     """Backbone weights are missing or do not fit the architecture (one-line message)."""
@@ -359,11 +354,11 @@ def backbone_features(backbone, images):
 
     images (B, 3, H, W) in [0, 1] -> (B, C1, H/8, W/8) float32. bf16 autocast on CUDA.
     """
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    import data
+
     with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16,
                                          enabled=images.device.type == "cuda"):
-        feats = backbone((images - mean) / std)
+        feats = backbone(data.normalize(images))
     return feats.float()
 
 
@@ -461,11 +456,11 @@ def restore(module, state, path):
 
 
 def rng_state(generator):
+    """Everything random in training: the global torch RNG (dropout) and the step generator
+    (augmentation, sampled points, negatives). Python's and numpy's global RNGs are never used
+    (data.py seeds its crops per item), so they need no saving."""
     state = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-             "generator_device": generator.device.type,
-             "python": list(random.getstate()[1]),
-             "numpy": [torch.from_numpy(np.random.get_state()[1].astype(np.int64))]
-             + list(np.random.get_state()[2:])}
+             "generator_device": generator.device.type}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -478,9 +473,6 @@ def set_rng_state(state, generator, log=print):
     else:  # CPU and CUDA generators have different states: the run goes on, but not bit-identically
         log(f"note: the checkpoint was trained on {state.get('generator_device')}, this run is on "
             f"{generator.device.type}: its random stream restarts from --seed (not bit-identical)")
-    random.setstate((3, tuple(int(v) for v in state["python"]), None))
-    keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(position), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -632,18 +624,13 @@ def build_eval_dataset(cfg):
                               n_classes=cfg.n_classes, seed=cfg.seed, length=cfg.eval_images)
 
 
-def has_labels(dataset):
-    return any(sample.get("label") is not None or sample.get("format") == "synthetic"
-               for sample in getattr(dataset, "samples", [{"label": True}]))
-
-
 def run_evaluation(backbone, model, cfg, device, out_dir, log=print, dataset=None):
     import data
     import evaluate
 
     info = data.DATASETS[cfg.data]
     dataset = dataset if dataset is not None else build_eval_dataset(cfg)
-    if not has_labels(dataset):
+    if not dataset.has_labels:
         log(f"evaluation skipped: the {cfg.val_split} split of {cfg.data_root} has no labels "
             f"(use --predict FOLDER to see the segmentation)")
         return None
@@ -960,8 +947,6 @@ def main(argv=None):
         device = pick_device(cfg.device)
         resolve_defaults(cfg, device)
         torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
         # the data first: a wrong folder should not wait for the weights (or a long training run)
         datasets = None
         if cfg.train or cfg.ablation:

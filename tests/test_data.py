@@ -285,6 +285,8 @@ def test_folder_with_and_without_labels(tmp_path):
     check_item(item, 4)
     expected = map_with({0: 0, 1: 1, 2: 2, 3: 3, 255: IGNORE}, labels_from([0, 1, 2, 3, 255], 1))
     assert np.array_equal(item["label"].numpy(), centre(expected))
+    assert ds.has_labels and not eval_item("folder", tmp_path, "val").has_labels
+    assert build_dataset("synthetic", None, "val", "eval", crop_size=64, length=2).has_labels
     unlabelled = eval_item("folder", tmp_path, "val")[0]
     assert not unlabelled["has_label"] and (unlabelled["label"] == IGNORE).all()
     assert np.allclose(unlabelled["image"].permute(1, 2, 0).numpy(), centre(rgb(2)) / 255.0, atol=1e-6)
