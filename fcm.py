@@ -21,7 +21,9 @@ semantic cluster j of the segmentation head before the fusion of eq (13) is done
 happens (il2vseg.py), not here.
 """
 
+import inspect
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -336,33 +338,44 @@ def colour_affinity(x, sigma=DEFAULT_SIGMA, normalise=True):
 
 # ----------------------------------------------------------------------------------------------
 # Initialisation: k-means++ (D^2 sampling) or random pixels, batched, deterministic under a seed.
+# The random numbers are drawn on the CPU first (`_init_draws`), so that what runs on the device
+# afterwards is free of host syncs and host-to-device copies (see GraphedLowLevelCue).
 # ----------------------------------------------------------------------------------------------
 
 INITS = ("kmeans++", "random")
 
 
-def _kmeanspp_init(x_cn, n_clusters, seed):
-    """Pick K initial centres (B, K, C) among the pixels x (B, C, N) by k-means++ D^2 sampling.
+def _init_draws(batch, n_clusters, n_pixels, seed, init):
+    """The random numbers of the initialisation, from a CPU torch.Generator seeded per call (the same
+    draws on every device, no global RNG touched): for "kmeans++" uniforms (B, K) float64 in [0, 1),
+    for "random" pixel indices (B, K) int64 (K distinct pixels, then repeats when K > N)."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    if init == "kmeans++":
+        return torch.rand(batch, n_clusters, generator=generator, dtype=torch.float64)   # (B, K)
+    order = torch.rand(batch, n_pixels, generator=generator).argsort(dim=1)              # (B, N) permutation
+    return order[:, torch.arange(n_clusters) % n_pixels]                                 # (B, K)
 
-    Random numbers come from a CPU torch.Generator seeded per call (same draws on every device, no
-    global RNG touched). The first centre is a uniformly random pixel; each next one is a pixel drawn
-    with probability proportional to its squared distance to the nearest centre so far, so no pixel
-    already on a centre is drawn while another pixel is left. When every pixel sits on a centre
-    (constant image, K > number of distinct colours) the cdf is all 0 and pixel 0 is taken: a
-    duplicate centre, which stays finite. K sequential steps of a few batched ops, no host sync.
+
+def _kmeanspp_init(x_cn, uniforms):
+    """Pick K initial centres (B, K, C) among the pixels x (B, C, N) by k-means++ D^2 sampling, driven
+    by uniforms (B, K) in [0, 1) (from _init_draws, on x's device).
+
+    The first centre is a uniformly random pixel; each next one is a pixel drawn with probability
+    proportional to its squared distance to the nearest centre so far, so no pixel already on a
+    centre is drawn while another pixel is left. When every pixel sits on a centre (constant image,
+    K > number of distinct colours) the cdf is all 0 and pixel 0 is taken: a duplicate centre, which
+    stays finite. K sequential steps of a few batched ops, no host sync.
     """
     B, C, N = x_cn.shape
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    uniforms = torch.rand(B, n_clusters, generator=generator, dtype=torch.float64)
-    uniforms = uniforms.to(device=x_cn.device, dtype=x_cn.dtype)              # (B, K) in [0, 1)
-    cdf = torch.arange(1, N + 1, device=x_cn.device, dtype=x_cn.dtype).repeat(B, 1)  # uniform first draw
+    uniforms = uniforms.to(x_cn.dtype)                                         # (B, K)
+    cdf = torch.arange(1, N + 1, device=x_cn.device, dtype=x_cn.dtype).expand(B, N)  # uniform first draw
     nearest = None                                                             # D^2 so far (B, N)
     centres = []
-    for k in range(n_clusters):                       # loop over clusters, not pixels
+    for k in range(uniforms.shape[1]):                # loop over clusters, not pixels
         if k > 0:
             cdf = nearest.cumsum(dim=1)                                        # (B, N)
         target = uniforms[:, k:k + 1] * cdf[:, -1:]                            # (B, 1) < total
-        index = torch.searchsorted(cdf, target)                                # (B, 1) first cdf >= target
+        index = torch.searchsorted(cdf.contiguous(), target)                   # (B, 1) first cdf >= target
         centre = x_cn.gather(2, index[:, None, :].expand(B, C, 1))            # (B, C, 1)
         centres.append(centre)
         squared = (x_cn - centre).square_().sum(dim=1)                         # (B, N)
@@ -370,15 +383,19 @@ def _kmeanspp_init(x_cn, n_clusters, seed):
     return torch.cat(centres, dim=2).transpose(1, 2)                           # (B, K, C)
 
 
-def _random_init(x_cn, n_clusters, seed):
-    """Pick K distinct random pixels (B, K, C) of x (B, C, N) as initial centres (all pixels, then
-    repeats, when K > N). Cheaper than k-means++ on GPU (no K sequential steps) but may start two
-    centres on the same colour (e.g. in a saturated region), and equal centres stay equal."""
-    B, C, N = x_cn.shape
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    order = torch.rand(B, N, generator=generator).argsort(dim=1)              # (B, N) random permutation
-    index = order[:, torch.arange(n_clusters) % N].to(x_cn.device)            # (B, K)
-    return x_cn.gather(2, index[:, None, :].expand(B, C, n_clusters)).transpose(1, 2)  # (B, K, C)
+def _random_init(x_cn, index):
+    """Initial centres (B, K, C) = the pixels x (B, C, N) at index (B, K) (from _init_draws). Cheaper
+    than k-means++ on GPU (no K sequential steps) but may start two centres on the same colour (e.g.
+    in a saturated region), and equal centres stay equal."""
+    B, C, _ = x_cn.shape
+    return x_cn.gather(2, index[:, None, :].expand(B, C, index.shape[1])).transpose(1, 2)  # (B, K, C)
+
+
+def initial_centres(x_cn, n_clusters, seed=0, init="kmeans++"):
+    """Initial centres (B, K, C) for pixels x (B, C, N): k-means++ or random pixels, seeded."""
+    B, _, N = x_cn.shape
+    draws = _init_draws(B, n_clusters, N, seed, init).to(x_cn.device)
+    return (_kmeanspp_init if init == "kmeans++" else _random_init)(x_cn, draws)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,13 +418,22 @@ def spatial_fcm(x, n_clusters, m=2.0, spatial=True, max_iter=DEFAULT_MAX_ITER, t
     fuzzy_membership); the default follows the paper as printed.
     init: "kmeans++" (default) or "random" pixels, seeded by `seed` (deterministic on a given device,
     independent of the global RNG).
-    Stops after max_iter iterations or once no centre coordinate of any image moved more than tol.
-    That check needs a host sync, so on CUDA it runs every 5 iterations (every iteration on CPU).
+    Each image stops on its own, after max_iter iterations or once none of its centre coordinates
+    moved more than tol; its centres are frozen from then on, so an image's result does not depend
+    on the other images of the batch. On the CPU the loop ends when every image has stopped (T <
+    max_iter possible; a finished image's later history entries repeat J at its final centres); on
+    other devices it always runs max_iter iterations, because asking whether all have stopped is a
+    host sync (the frozen images make the results the same either way).
     Runs without autograd and in float32 (float64 if x is float64), autocast disabled.
     """
     _check_grid(x)
     _check_fcm_arguments(n_clusters, m, max_iter, tol, init)
-    return _spatial_fcm(x, n_clusters, m, spatial, max_iter, tol, seed, textbook, init)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        B, C, h, w = x.shape
+        draws = _init_draws(B, n_clusters, h * w, seed, init).to(x.device)
+        return _spatial_fcm(x, draws, m, spatial, max_iter, tol, textbook, init,
+                            stop_early=x.device.type == "cpu")
 
 
 def _check_fcm_arguments(n_clusters, m, max_iter, tol, init):
@@ -420,36 +446,51 @@ def _check_fcm_arguments(n_clusters, m, max_iter, tol, init):
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
-def _spatial_fcm(x, n_clusters, m, spatial, max_iter, tol, seed, textbook, init):
-    """spatial_fcm without the input checks (see there)."""
-    check_every = 1 if x.device.type == "cpu" else 5
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        B, C, h, w = x.shape
-        x_cn = x.to(dtype).flatten(2).contiguous()                            # (B, C, N)
-        x_ones = _with_ones(x_cn)                                             # (B, C + 1, N)
-        start = _kmeanspp_init if init == "kmeans++" else _random_init
-        centres = start(x_cn, n_clusters, seed)                               # (B, K, C)
-        history = []
-        for iteration in range(max_iter):
-            squared_distance = _squared_distance(x_cn, centres)               # d^2  (B, K, N)
-            membership = _membership_from_squared_distance(squared_distance, m, textbook)  # eq (4)
-            if spatial:
-                membership = _spatial_membership_flat(membership, h, w)       # eqs (5)-(6)  (B, K, N)
-            weights_m = membership.pow(m)                                     # U'^m  (B, K, N)
-            history.append((weights_m * squared_distance).sum(dim=(1, 2)))   # eq (3)  (B,)
-            new_centres = _update_centres_flat(x_ones, weights_m, centres)    # eq (7)  (B, K, C)
-            converged = ((iteration + 1) % check_every == 0
-                         and bool((new_centres - centres).abs().max() <= tol))
-            centres = new_centres
-            if converged:
-                break
-        # memberships of the final centres -> probabilities
-        membership = _membership_from_squared_distance(_squared_distance(x_cn, centres), m, textbook)  # eq (4)
+def _spatial_fcm(x, draws, m, spatial, max_iter, tol, textbook, init, stop_early):
+    """spatial_fcm without the input checks, from the initialisation's draws (B, K) on x's device.
+
+    x (B, C, h, w) float32/float64. No host sync and no host-to-device copy unless stop_early (so
+    that it can be captured in a CUDA graph)."""
+    B, C, h, w = x.shape
+    x_cn = x.flatten(2).contiguous()                                          # (B, C, N)
+    x_ones = _with_ones(x_cn)                                                 # (B, C + 1, N)
+    start = _kmeanspp_init if init == "kmeans++" else _random_init
+    centres = start(x_cn, draws)                                              # (B, K, C)
+    n_clusters = centres.shape[1]
+    running = torch.ones(B, 1, 1, dtype=torch.bool, device=x.device)          # images still iterating
+    history = []
+    for _ in range(max_iter):
+        squared_distance = _squared_distance(x_cn, centres)                   # d^2  (B, K, N)
+        membership = _membership_from_squared_distance(squared_distance, m, textbook)  # eq (4)
         if spatial:
-            membership = _spatial_membership_flat(membership, h, w)           # eqs (5)-(6)
-        probability = membership / membership.sum(dim=1, keepdim=True)        # eq (8)  (B, K, N)
-        return probability.reshape(B, n_clusters, h, w), centres, torch.stack(history, dim=1)
+            membership = _spatial_membership_flat(membership, h, w)           # eqs (5)-(6)  (B, K, N)
+        weights_m = membership.pow(m)                                         # U'^m  (B, K, N)
+        history.append((weights_m * squared_distance).sum(dim=(1, 2)))       # eq (3)  (B,)
+        new_centres = _update_centres_flat(x_ones, weights_m, centres)        # eq (7)  (B, K, C)
+        moved = (new_centres - centres).abs().amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+        centres = torch.where(running, new_centres, centres)                  # stopped images keep theirs
+        running = running & (moved > tol)
+        if stop_early and not bool(running.any()):
+            break
+    # memberships of the final centres -> probabilities
+    membership = _membership_from_squared_distance(_squared_distance(x_cn, centres), m, textbook)  # eq (4)
+    if spatial:
+        membership = _spatial_membership_flat(membership, h, w)               # eqs (5)-(6)
+    probability = membership / membership.sum(dim=1, keepdim=True)            # eq (8)  (B, K, N)
+    return probability.reshape(B, n_clusters, h, w), centres, torch.stack(history, dim=1)
+
+
+def _check_low_level(images, n_clusters, m, sigma, patch, size, max_iter, tol, init):
+    """All checks of low_level_cue (one host sync for the value range); returns the grid (h, w)."""
+    _check_grid(images, "images", finite=False)
+    grid = _grid_size(images, patch, size)
+    _check_fcm_arguments(n_clusters, m, max_iter, tol, init)
+    _check_sigma(sigma)
+    low, high = torch.stack(torch.aminmax(images.detach())).tolist()   # one host sync; NaN/inf fail too
+    if not (-1e-3 <= low and high <= 1 + 1e-3):
+        raise ValueError(f"images must be finite RGB in [0, 1] (not ImageNet-normalised, not 0..255), "
+                         f"got values in [{low:.3g}, {high:.3g}]")
+    return grid
 
 
 @torch.no_grad()
@@ -464,43 +505,142 @@ def low_level_cue(images, n_clusters, m=2.0, sigma=DEFAULT_SIGMA, patch=8, spati
     affinity=False returns P itself (ablation: no colour boosting).
 
     The order of the K clusters is arbitrary (set by the seeded initialisation); they are aligned
-    with the head's clusters at fusion time (eq 13, in il2vseg.py).
+    with the head's clusters at fusion time (eq 13, in il2vseg.py). Each image's F_l depends on that
+    image alone, not on the rest of the batch.
     Runs without autograd, in float32 (float64 if the images are float64) even under autocast.
     The affinity is built for a few images at a time (one on CPU) so that A never exceeds ~512 MiB.
+    One host sync (the value-range check); on CUDA the rest is queued without waiting.
     """
-    _check_grid(images, "images", finite=False)
-    grid = _grid_size(images, patch, size)
-    _check_fcm_arguments(n_clusters, m, max_iter, tol, init)
-    _check_sigma(sigma)
-    low, high = torch.stack(torch.aminmax(images.detach())).tolist()   # one host sync; NaN/inf fail too
-    if not (-1e-3 <= low and high <= 1 + 1e-3):
-        raise ValueError(f"images must be finite RGB in [0, 1] (not ImageNet-normalised, not 0..255), "
-                         f"got values in [{low:.3g}, {high:.3g}]")
+    grid = _check_low_level(images, n_clusters, m, sigma, patch, size, max_iter, tol, init)
+    draws = _init_draws(images.shape[0], n_clusters, grid[0] * grid[1], seed, init).to(images.device)
     with torch.autocast(device_type=images.device.type, enabled=False):
-        dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-        x = _bilinear(images.to(dtype), grid)                                 # eq (1)  (B, C, h, w)
-        probability, _, _ = _spatial_fcm(x, n_clusters, m, spatial, max_iter, tol, seed, textbook,
-                                         init)                                # eqs (3)-(8)  (B, K, h, w)
-        if not affinity:
-            return probability
-        B, K, h, w = probability.shape
-        N = h * w
-        x_flat = x.flatten(2).transpose(1, 2)                                 # (B, N, C)
-        prob_flat = probability.reshape(B, K, N)                              # (B, K, N)
-        # F_l = D^-1 A P with A symmetric: in (B, K, N) layout F^T = (P^T A) / rowsum(A). One matmul
-        # with a row of ones appended to P yields both P^T A and the row sums of A.
-        with_ones = torch.cat([prob_flat, torch.ones_like(prob_flat[:, :1])], dim=1)  # (B, K + 1, N)
-        # A is built for a chunk of images at a time in one reused buffer: one image on CPU (stays in
-        # cache, no page faults from fresh 10 MB allocations), as many as fit in ~512 MiB on GPU.
-        if x.device.type == "cpu":
-            chunk = 1
-        else:
-            chunk = max(1, min(B, AFFINITY_CHUNK_BYTES // (N * N * x.element_size())))
-        buffer = torch.empty(chunk, N, N, device=x.device, dtype=x.dtype)     # (chunk, N, N)
-        product = torch.empty(B, K + 1, N, device=x.device, dtype=x.dtype)    # (B, K + 1, N)
-        for start in range(0, B, chunk):              # loop over groups of images, bounding memory
-            stop = min(B, start + chunk)
-            block = _affinity_into(x_flat[start:stop], sigma, buffer[:stop - start])  # eqs (9)-(11)  A
-            torch.bmm(with_ones[start:stop], block, out=product[start:stop])          # (b, K + 1, N)
-        cue = product[:, :K] / product[:, K:]                                 # eq (12)  (B, K, N)
-        return cue.reshape(B, K, h, w)                                        # (B, K, h, w)
+        return _low_level_cue(images, draws, grid, m, sigma, spatial, max_iter, tol, textbook, affinity,
+                              init, stop_early=images.device.type == "cpu")
+
+
+def _low_level_cue(images, draws, grid, m, sigma, spatial, max_iter, tol, textbook, affinity, init,
+                   stop_early):
+    """low_level_cue without the checks, from the initialisation's draws (B, K) on the images' device.
+    No host sync and no host-to-device copy unless stop_early (CUDA-graph capturable). Call it with
+    autocast disabled."""
+    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    x = _bilinear(images.to(dtype), grid)                                     # eq (1)  (B, C, h, w)
+    probability, _, _ = _spatial_fcm(x, draws, m, spatial, max_iter, tol, textbook, init,
+                                     stop_early)                              # eqs (3)-(8)  (B, K, h, w)
+    if not affinity:
+        return probability
+    B, K, h, w = probability.shape
+    N = h * w
+    x_flat = x.flatten(2).transpose(1, 2)                                     # (B, N, C)
+    prob_flat = probability.reshape(B, K, N)                                  # (B, K, N)
+    # F_l = D^-1 A P with A symmetric: in (B, K, N) layout F^T = (P^T A) / rowsum(A). One matmul
+    # with a row of ones appended to P yields both P^T A and the row sums of A.
+    with_ones = torch.cat([prob_flat, torch.ones_like(prob_flat[:, :1])], dim=1)      # (B, K + 1, N)
+    # A is built for a chunk of images at a time in one reused buffer: one image on CPU (stays in
+    # cache, no page faults from fresh 10 MB allocations), as many as fit in ~512 MiB on GPU.
+    if x.device.type == "cpu":
+        chunk = 1
+    else:
+        chunk = max(1, min(B, AFFINITY_CHUNK_BYTES // (N * N * x.element_size())))
+    buffer = torch.empty(chunk, N, N, device=x.device, dtype=x.dtype)         # (chunk, N, N)
+    product = torch.empty(B, K + 1, N, device=x.device, dtype=x.dtype)        # (B, K + 1, N)
+    for start in range(0, B, chunk):                  # loop over groups of images, bounding memory
+        stop = min(B, start + chunk)
+        block = _affinity_into(x_flat[start:stop], sigma, buffer[:stop - start])      # eqs (9)-(11)  A
+        torch.bmm(with_ones[start:stop], block, out=product[start:stop])              # (b, K + 1, N)
+    cue = product[:, :K] / product[:, K:]                                     # eq (12)  (B, K, N)
+    return cue.reshape(B, K, h, w)                                            # (B, K, h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# The low-level cue replayed from a CUDA graph (training loop).
+# ----------------------------------------------------------------------------------------------
+
+class GraphedLowLevelCue:
+    """low_level_cue(images, n_clusters, **settings) for a loop over equally shaped batches.
+
+    The low-level branch is about a thousand small kernels (K k-means++ steps, then max_iter FCM
+    iterations of ~20 elementwise ops, then A and A P) on a tiny grid. On a GPU launching them, not
+    their arithmetic, sets its time. On CUDA this captures the whole branch (everything after the
+    input checks) in a CUDA graph, once per batch shape, and replays it: one launch per call.
+    On the CPU it simply runs low_level_cue.
+
+    The result is low_level_cue's (same kernels on the same numbers). When a graph is captured it is
+    replayed once on other images (the batch mirrored) and compared with the eager result; if that
+    differs, or capture fails, a warning says so and that shape runs eagerly from then on.
+    Each call returns a fresh tensor (the graph's own output buffer is overwritten by the next call).
+    Graphs live as long as this object; create one per training run.
+    """
+
+    def __init__(self, n_clusters, **settings):
+        parameters = inspect.signature(low_level_cue).parameters
+        allowed = set(parameters) - {"images", "n_clusters"}
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            raise TypeError(f"GraphedLowLevelCue got unknown settings {unknown}")
+        self.n_clusters = n_clusters
+        self.settings = {name: settings.get(name, parameters[name].default) for name in allowed}
+        self.graphs = {}   # (shape, dtype, device) -> (graph, static images, draws, output) or None
+
+    def __call__(self, images):
+        s = self.settings
+        grid = _check_low_level(images, self.n_clusters, s["m"], s["sigma"], s["patch"], s["size"],
+                                s["max_iter"], s["tol"], s["init"])
+        if images.device.type != "cuda":
+            return self._eager(images, grid)
+        key = (tuple(images.shape), images.dtype, str(images.device))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(images, grid)
+        if self.graphs[key] is None:
+            return self._eager(images, grid)
+        graph, static_images, _, output = self.graphs[key]
+        static_images.copy_(images)
+        graph.replay()
+        return output.clone()
+
+    def _run(self, images, draws, grid, stop_early):
+        s = self.settings
+        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+            return _low_level_cue(images, draws, grid, s["m"], s["sigma"], s["spatial"], s["max_iter"],
+                                  s["tol"], s["textbook"], s["affinity"], s["init"], stop_early)
+
+    def _draws(self, images, grid):
+        return _init_draws(images.shape[0], self.n_clusters, grid[0] * grid[1], self.settings["seed"],
+                           self.settings["init"]).to(images.device)
+
+    def _eager(self, images, grid):
+        return self._run(images, self._draws(images, grid), grid, stop_early=images.device.type == "cpu")
+
+    def _capture(self, images, grid):
+        """Capture the branch for this batch shape: (graph, static input, draws, static output), or
+        None. The graph reads the memory of the static input and of the draws: both are kept in the
+        returned entry so that they live as long as the graph."""
+        shape = "x".join(map(str, images.shape))
+        try:
+            draws = self._draws(images, grid)                  # the same every call: kept by the graph
+            static_images = images.clone()
+            side = torch.cuda.Stream(device=images.device)
+            side.wait_stream(torch.cuda.current_stream(images.device))
+            with torch.cuda.stream(side):                      # warm-up (allocator, cuBLAS) off the graph
+                for _ in range(2):
+                    self._run(static_images, draws, grid, stop_early=False)
+            torch.cuda.current_stream(images.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (the data loader's pin-memory thread) may allocate meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                output = self._run(static_images, draws, grid, stop_early=False)
+            probe = images.flip(-1)                            # other numbers: the replay must read them
+            static_images.copy_(probe)
+            graph.replay()
+            expected = self._eager(probe, grid)
+            if not torch.allclose(output, expected, rtol=1e-4, atol=1e-5):
+                difference = (output - expected).abs().max().item()
+                warnings.warn(f"low-level branch: the CUDA graph for batch {shape} differs from the eager "
+                              f"result by {difference:.3g}; running it eagerly")
+                return None
+            return graph, static_images, draws, output
+        except RuntimeError as error:
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"low-level branch: CUDA graph capture for batch {shape} failed "
+                          f"({type(error).__name__}: {first}); running it eagerly")
+            return None

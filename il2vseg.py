@@ -366,10 +366,19 @@ def backbone_features(backbone, images):
 # One training step: all terms of eq (15)
 # --------------------------------------------------------------------------------------------
 
-def loss_terms(backbone, model, images, cfg, generator):
+def low_level_branch(cfg, n_clusters, patch):
+    """The low-level cue F^l of the training loop (eqs 1, 3-12) with cfg's FCM settings: a callable
+    images (B, 3, H, W) in [0, 1] -> (B, K, H/patch, W/patch), replayed from a CUDA graph on CUDA."""
+    import fcm
+    return fcm.GraphedLowLevelCue(n_clusters, m=cfg.fcm_m, sigma=cfg.fcm_sigma, patch=patch,
+                                  max_iter=cfg.fcm_iters)
+
+
+def loss_terms(backbone, model, images, cfg, generator, low_level=None):
     """Compute every loss term for one batch; returns a dict name -> scalar tensor.
 
     images (B, 3, H, W) in [0, 1]. cfg is the argparse namespace (alpha, fcm settings, shifts, ...).
+    low_level: the low-level branch (see low_level_branch; made here when not given).
     """
     import data
     import fcm
@@ -377,6 +386,11 @@ def loss_terms(backbone, model, images, cfg, generator):
 
     B = images.shape[0]
     n_clusters = model.local_centres.shape[0]
+    if low_level is None:
+        low_level = low_level_branch(cfg, n_clusters, backbone.patch)
+    # eqs (1), (3)-(12): the low-level cue. Queued first: it needs the images only, and its input
+    # check (one host sync) then waits for the images alone, not for the backbone.
+    f_low = low_level(images)  # (B, K, h, w)
     augmented = data.photometric_augment(images, generator=generator)  # I~: colour/luminosity jitter
     feats_both = backbone_features(backbone, torch.cat([images, augmented]))  # (2B, C1, h, w)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
@@ -389,11 +403,6 @@ def loss_terms(backbone, model, images, cfg, generator):
     # local centres learn from detached codes (SmooSeg's data term)
     inner_local = cosine_to_centres(codes.detach(), model.local_centres)  # (B, K, h, w)
 
-    # eqs (1), (3)-(12): the low-level cue, then eq (13): fusion
-    f_low = fcm.low_level_cue(images, n_clusters, m=cfg.fcm_m, sigma=cfg.fcm_sigma,
-                              patch=backbone.patch, max_iter=cfg.fcm_iters)  # (B, K, h, w)
-    f_fused = fuse(f_seg, f_low, cfg.alpha)  # eq (13)
-
     terms = {}
     terms["data"] = losses.data_loss(inner_local, f_seg)
     perm = losses.derangement(B, generator=generator, device=images.device) if B > 1 else None
@@ -402,6 +411,10 @@ def loss_terms(backbone, model, images, cfg, generator):
     corr = losses.correspondence_terms(feats, codes, feats_aug, codes_aug, shifts=cfg.corr_shifts,
                                        weights=cfg.corr_weights, generator=generator)
     terms["corr"] = corr["corr"]
+
+    # eq (13). Last of the forward pass: aligning F^l to F^seg waits for the GPU (one host sync
+    # for the Hungarian matching on the CPU), so everything above is queued before it.
+    f_fused = fuse(f_seg, f_low, cfg.alpha)  # (B, K, h, w)
     small = fcm.downsample(images, patch=backbone.patch)  # (B, 3, h, w) colours for the pixel similarity
     terms["fs"], terms["reg"] = losses.feature_similarity_losses(codes, f_fused, small)  # eq (14)
     return terms
@@ -517,10 +530,13 @@ RESUME_MUST_MATCH = ("data", "train_split", "arch", "dim", "dropout", "batch_siz
 
 
 def make_optimiser(model, cfg):
-    return torch.optim.Adam([
-        {"params": model.head.parameters(), "lr": cfg.lr_head},
-        {"params": [model.local_centres], "lr": cfg.lr_centres},
-    ])
+    """Adam for the head (cfg.lr_head) and the local centres (cfg.lr_centres). On CUDA the fused
+    implementation: one kernel for all parameters instead of a dozen per parameter tensor."""
+    groups = [{"params": model.head.parameters(), "lr": cfg.lr_head},
+              {"params": [model.local_centres], "lr": cfg.lr_centres}]
+    if model.local_centres.is_cuda:
+        return torch.optim.Adam(groups, fused=True)
+    return torch.optim.Adam(groups)
 
 
 def checkpoint_state(model, optimiser, step, generator, cfg, n_clusters):
@@ -566,9 +582,10 @@ def train(backbone, model, dataset, cfg, device, log=print):
     loader = torch.utils.data.DataLoader(EpochItems(dataset), batch_sampler=batches,
                                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.seed))
+    low_level = low_level_branch(cfg, model.local_centres.shape[0], backbone.patch)
     for step, batch in zip(range(start_step, cfg.steps), loader):
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) in [0, 1]
-        terms = loss_terms(backbone, model, images, cfg, generator)
+        terms = loss_terms(backbone, model, images, cfg, generator, low_level)
         try:
             total, values = losses.total_loss(terms, beta=cfg.beta, gamma=cfg.gamma, use_smo=cfg.use_smo,
                                               use_data=cfg.use_smo, use_fs=cfg.use_fs, use_corr=cfg.use_corr,

@@ -293,7 +293,7 @@ def test_colour_affinity_eqs9_11(sigma):
 def test_spatial_fcm_matches_loop_iteration():
     x = random_grid()
     K, m = 3, 2.0
-    init = fcm._kmeanspp_init(x.flatten(2), K, seed=7)
+    init = fcm.initial_centres(x.flatten(2), K, seed=7)
     for spatial in (False, True):
         P, centres, history = fcm.spatial_fcm(x, K, m=m, spatial=spatial, max_iter=3, tol=0.0, seed=7)
         P_ref, centres_ref, history_ref = ref_fcm(x, init, m, spatial, 3)
@@ -305,7 +305,8 @@ def test_spatial_fcm_matches_loop_iteration():
 def test_kmeanspp_init_picks_pixels():
     x = random_grid((2, 3, 6, 6))
     x_flat = flat(x)
-    for init in (fcm._kmeanspp_init(x.flatten(2), 5, seed=0), fcm._random_init(x.flatten(2), 5, seed=0)):
+    for init in (fcm.initial_centres(x.flatten(2), 5, seed=0),
+                 fcm.initial_centres(x.flatten(2), 5, seed=0, init="random")):
         assert init.shape == (2, 5, 3)
         for b in range(2):
             for k in range(5):
@@ -314,7 +315,7 @@ def test_kmeanspp_init_picks_pixels():
     # k-means++ never starts two centres on one colour while other colours are left
     two_colours = torch.zeros(3, 3, 6, 6, dtype=torch.float64)
     two_colours[:, :, :, 5] = 1.0                                    # one column of white, rest black
-    init = fcm._kmeanspp_init(two_colours.flatten(2), 2, seed=0)
+    init = fcm.initial_centres(two_colours.flatten(2), 2, seed=0)
     assert (init[:, 0] != init[:, 1]).any(dim=1).all()
 
 
@@ -438,7 +439,7 @@ def test_deterministic_under_seed():
     torch.manual_seed(123)                           # the global RNG plays no part
     P3, _, _ = fcm.spatial_fcm(x, 6, seed=3)
     assert torch.equal(P1, P3)
-    assert not torch.equal(fcm._kmeanspp_init(x.flatten(2), 6, 3), fcm._kmeanspp_init(x.flatten(2), 6, 4))
+    assert not torch.equal(fcm.initial_centres(x.flatten(2), 6, 3), fcm.initial_centres(x.flatten(2), 6, 4))
     P4, _, _ = fcm.spatial_fcm(x, 6, seed=3, init="random")
     assert torch.equal(P4, fcm.spatial_fcm(x, 6, seed=3, init="random")[0]) and not torch.equal(P4, P1)
 
@@ -449,6 +450,104 @@ def test_early_stop_and_iteration_cap():
     assert 1 < history.shape[1] < 100
     _, _, capped = fcm.spatial_fcm(x, 2, max_iter=3, tol=0.0)
     assert capped.shape == (1, 3)
+
+
+def fast_and_slow_images(seed=0):
+    """Two float64 grids (1, 3, 8, 8) in [0, 1]: two slightly noisy colours (FCM with tol 1e-3
+    settles in ~6 iterations, yet its centres still creep) and uniform noise (settles later)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    fast = torch.full((1, 3, 8, 8), 0.1, dtype=torch.float64)
+    fast[..., 4:] = 0.8
+    fast = (fast + 0.02 * torch.randn(fast.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    slow = random_grid((1, 3, 8, 8), seed=seed)
+    return fast, slow
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_each_image_stops_on_its_own(spatial):
+    # An image's FCM must not depend on its batch mates: the fast image stops when it converged,
+    # not when the slow one does, and its later history entries repeat J at its final centres.
+    fast, slow = fast_and_slow_images()
+    K, tol = 3, 1e-3
+    draws = fcm._init_draws(2, K, 64, 5, "kmeans++")                          # (2, K)
+    run = lambda x, d, early: fcm._spatial_fcm(x, d, 2.0, spatial, 200, tol, False, "kmeans++", early)
+    P, centres, history = run(torch.cat([fast, slow]), draws, True)
+    for b, image in enumerate((fast, slow)):
+        P_alone, centres_alone, history_alone = run(image, draws[b:b + 1], True)
+        torch.testing.assert_close(P[b:b + 1], P_alone, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(centres[b:b + 1], centres_alone, rtol=1e-12, atol=1e-12)
+        T = history_alone.shape[1]
+        torch.testing.assert_close(history[b:b + 1, :T], history_alone, rtol=1e-12, atol=1e-12)
+        U = fcm.fuzzy_membership(image, centres_alone)                      # J at the final centres
+        if spatial:
+            U = fcm.spatial_membership(U, fcm.spatial_information(U))
+        final_J = fcm.fcm_objective(image, centres_alone, U)
+        torch.testing.assert_close(history[b, T:], final_J.expand(history.shape[1] - T), rtol=1e-9, atol=1e-12)
+        if b == 0:
+            assert T < history.shape[1]                                    # it stopped before the slow one
+    # without the early exit (the GPU path) the loop runs to the cap and the results are the same
+    P_full, centres_full, history_full = run(torch.cat([fast, slow]), draws, False)
+    assert history_full.shape[1] == 200
+    torch.testing.assert_close(P_full, P, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(centres_full, centres, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(history_full[:, :history.shape[1]], history, rtol=1e-12, atol=1e-12)
+
+
+def test_low_level_cue_of_an_image_does_not_depend_on_the_batch():
+    fast, slow = fast_and_slow_images()
+    for init in fcm.INITS:
+        # image 0 draws the same random numbers alone and in a batch (rows of one seeded stream)
+        alone = fcm.low_level_cue(fast, 3, patch=1, init=init, max_iter=100)
+        batched = fcm.low_level_cue(torch.cat([fast, slow]), 3, patch=1, init=init, max_iter=100)
+        torch.testing.assert_close(batched[:1], alone, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spatial,affinity,init", [(True, True, "kmeans++"), (False, False, "random")])
+def test_low_level_core_has_no_host_sync_and_no_host_tensors(spatial, affinity, init):
+    # Run the checked-free core on the "meta" device: any .item() / bool() of a tensor (a host sync
+    # on CUDA) or any tensor made on the CPU inside (a host-to-device copy) raises there. That is
+    # what capturing it in a CUDA graph (GraphedLowLevelCue) needs.
+    images = torch.empty(2, 3, 32, 24, device="meta")
+    draws = fcm._init_draws(2, 4, 12, 0, init).to("meta")
+    cue = fcm._low_level_cue(images, draws, (4, 3), 2.0, 0.1, spatial, 5, 1e-3, False, affinity, init,
+                             stop_early=False)
+    assert cue.shape == (2, 4, 4, 3) and cue.device.type == "meta"
+    with pytest.raises(RuntimeError):                    # the early exit does sync: the probe sees it
+        fcm._low_level_cue(images, draws, (4, 3), 2.0, 0.1, spatial, 5, 1e-3, False, affinity, init,
+                           stop_early=True)
+
+
+def test_graphed_low_level_cue_on_cpu_is_low_level_cue():
+    images = torch.rand(3, 3, 40, 32, generator=torch.Generator().manual_seed(0))
+    settings = dict(sigma=0.2, max_iter=7, m=1.8, seed=4, init="random")
+    graphed = fcm.GraphedLowLevelCue(5, **settings)
+    assert torch.equal(graphed(images), fcm.low_level_cue(images, 5, **settings))
+    assert torch.equal(fcm.GraphedLowLevelCue(4, affinity=False)(images),
+                       fcm.low_level_cue(images, 4, affinity=False))
+    with pytest.raises(TypeError, match="unknown settings"):
+        fcm.GraphedLowLevelCue(5, sigmma=0.2)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        graphed(images * 255)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.filterwarnings("error")                     # a fallback to eager fails the test
+def test_graphed_low_level_cue_replays_on_cuda():
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(0)
+    graphed = fcm.GraphedLowLevelCue(6, max_iter=12)
+    for _ in range(3):                                   # new numbers each call: the replay must read them
+        images = torch.rand(4, 3, 64, 48, generator=generator).to(device)
+        first = graphed(images)
+        expected = fcm.low_level_cue(images, 6, max_iter=12)
+        torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-5)
+    assert len(graphed.graphs) == 1 and next(iter(graphed.graphs.values())) is not None   # replayed, not eager
+    torch.cuda.empty_cache()
+    junk = [torch.rand(size, device=device) for size in (8, 64, 512, 1 << 20) for _ in range(64)]  # reuse freed memory
+    second = graphed(images.flip(-2))
+    del junk
+    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-5)   # not overwritten by the next call
+    torch.testing.assert_close(second, fcm.low_level_cue(images.flip(-2), 6, max_iter=12), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

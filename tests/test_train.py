@@ -29,13 +29,16 @@ def config(tmp_path, **changes):
     return cfg
 
 
-def run(tmp_path, backbone, **changes):
+def run(tmp_path, backbone, device="cpu", **changes):
     cfg = config(tmp_path, **changes)
     torch.manual_seed(cfg.seed)
-    model = il2vseg.Segmenter(3, in_dim=backbone.dim, dim=8)
+    model = il2vseg.Segmenter(3, in_dim=backbone.dim, dim=8).to(device)
     dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, seed=0, length=8)
-    history = il2vseg.train(backbone, model, dataset, cfg, torch.device("cpu"), log=lambda *a: None)
+    history = il2vseg.train(backbone.to(device), model, dataset, cfg, torch.device(device), log=lambda *a: None)
     return model, history
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
 
 
 def test_short_training_run_decreases_the_loss_and_writes_a_checkpoint(tmp_path):
@@ -55,18 +58,23 @@ def test_global_centres_follow_the_local_ones_during_training(tmp_path):
     assert not torch.equal(model.global_centres, model.local_centres.detach())
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, device):
+    # On CUDA (bf16 autocast, the low-level branch from a CUDA graph, fused Adam) the backward of
+    # grid_sample adds with atomics in any order, so two runs agree to rounding, not bit for bit.
+    same = torch.equal if device == "cpu" else lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     backbone = tiny_backbone()
-    full, full_history = run(tmp_path / "full", backbone, steps=6)
-    run(tmp_path / "split", backbone, steps=3)
-    resumed, resumed_history = run(tmp_path / "split", backbone, steps=6, resume=True)
-    assert resumed_history == full_history[3:]
+    full, full_history = run(tmp_path / "full", backbone, device, steps=6)
+    run(tmp_path / "split", backbone, device, steps=3)
+    resumed, resumed_history = run(tmp_path / "split", backbone, device, steps=6, resume=True)
+    assert same(torch.tensor(resumed_history, dtype=torch.float64),
+                torch.tensor(full_history[3:], dtype=torch.float64))
     for key, value in full.state_dict().items():
-        assert torch.equal(resumed.state_dict()[key], value), key
+        assert same(resumed.state_dict()[key], value), key
     a = il2vseg.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     b = il2vseg.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     for group_a, group_b in zip(a["optimiser"]["state"].values(), b["optimiser"]["state"].values()):
-        assert torch.equal(group_a["exp_avg"], group_b["exp_avg"])
+        assert same(group_a["exp_avg"], group_b["exp_avg"])
 
 
 def test_a_run_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
