@@ -505,11 +505,13 @@ def low_level_cue(images, n_clusters, m=2.0, sigma=DEFAULT_SIGMA, patch=8, spati
     affinity=False returns P itself (ablation: no colour boosting).
 
     The order of the K clusters is arbitrary (set by the seeded initialisation); they are aligned
-    with the head's clusters at fusion time (eq 13, in il2vseg.py). Each image's F_l depends on that
-    image alone, not on the rest of the batch.
+    with the head's clusters at fusion time (eq 13, in il2vseg.py). Each image's F_l depends on the
+    image and its row of the seeded random draws, not on the other images of the batch (each image
+    stops FCM on its own; up to float rounding, since the batch size can change the matmul kernels).
     Runs without autograd, in float32 (float64 if the images are float64) even under autocast.
     The affinity is built for a few images at a time (one on CPU) so that A never exceeds ~512 MiB.
-    One host sync (the value-range check); on CUDA the rest is queued without waiting.
+    One host sync (the value-range check, which waits for the work already queued); on CUDA the rest
+    is queued without waiting.
     """
     grid = _check_low_level(images, n_clusters, m, sigma, patch, size, max_iter, tol, init)
     draws = _init_draws(images.shape[0], n_clusters, grid[0] * grid[1], seed, init).to(images.device)
@@ -567,7 +569,8 @@ class GraphedLowLevelCue:
 
     The result is low_level_cue's (same kernels on the same numbers). When a graph is captured it is
     replayed once on other images (the batch mirrored) and compared with the eager result; if that
-    differs, or capture fails, a warning says so and that shape runs eagerly from then on.
+    differs, a warning says so and that shape runs eagerly from then on. If capture itself fails,
+    CudaGraphError is raised (use low_level_cue instead).
     Each call returns a fresh tensor (the graph's own output buffer is overwritten by the next call).
     Graphs live as long as this object; create one per training run.
     """
@@ -613,34 +616,43 @@ class GraphedLowLevelCue:
 
     def _capture(self, images, grid):
         """Capture the branch for this batch shape: (graph, static input, draws, static output), or
-        None. The graph reads the memory of the static input and of the draws: both are kept in the
-        returned entry so that they live as long as the graph."""
+        None (eager) when the replay does not reproduce the eager result. The graph reads the memory
+        of the static input and of the draws: both are kept in the returned entry so that they live
+        as long as the graph. A failed capture raises CudaGraphError: it can leave CUDA's streams and
+        random generator in capture mode, so going on eagerly in the same process is not safe."""
         shape = "x".join(map(str, images.shape))
+        device = images.device
+        draws = self._draws(images, grid)                      # the same every call: kept by the graph
+        static_images = images.clone()
+        caller_stream = torch.cuda.current_stream(device)
         try:
-            draws = self._draws(images, grid)                  # the same every call: kept by the graph
-            static_images = images.clone()
-            side = torch.cuda.Stream(device=images.device)
-            side.wait_stream(torch.cuda.current_stream(images.device))
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(caller_stream)
             with torch.cuda.stream(side):                      # warm-up (allocator, cuBLAS) off the graph
                 for _ in range(2):
                     self._run(static_images, draws, grid, stop_early=False)
-            torch.cuda.current_stream(images.device).wait_stream(side)
+            caller_stream.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: other threads (the data loader's pin-memory thread) may allocate meanwhile
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 output = self._run(static_images, draws, grid, stop_early=False)
-            probe = images.flip(-1)                            # other numbers: the replay must read them
-            static_images.copy_(probe)
-            graph.replay()
-            expected = self._eager(probe, grid)
-            if not torch.allclose(output, expected, rtol=1e-4, atol=1e-5):
-                difference = (output - expected).abs().max().item()
-                warnings.warn(f"low-level branch: the CUDA graph for batch {shape} differs from the eager "
-                              f"result by {difference:.3g}; running it eagerly")
-                return None
-            return graph, static_images, draws, output
-        except RuntimeError as error:
+        except Exception as error:
+            torch.cuda.set_stream(caller_stream)   # graph's __exit__ skips this when capture_end raises
             first = (str(error).strip().splitlines() or [""])[0][:200]
-            warnings.warn(f"low-level branch: CUDA graph capture for batch {shape} failed "
-                          f"({type(error).__name__}: {first}); running it eagerly")
+            raise CudaGraphError(f"low-level branch: CUDA graph capture for batch {shape} failed "
+                                 f"({type(error).__name__}: {first}); run it without a graph "
+                                 f"(fcm.low_level_cue)") from None
+        probe = images.flip(-1)                                # other numbers: the replay must read them
+        static_images.copy_(probe)
+        graph.replay()
+        expected = self._eager(probe, grid)
+        if not torch.allclose(output, expected, rtol=1e-4, atol=1e-5):
+            difference = (output - expected).abs().max().item()
+            warnings.warn(f"low-level branch: the CUDA graph for batch {shape} differs from the eager "
+                          f"result by {difference:.3g}; running it eagerly")
             return None
+        return graph, static_images, draws, output
+
+
+class CudaGraphError(RuntimeError):
+    """Capturing the low-level branch in a CUDA graph failed (one-line message)."""

@@ -18,6 +18,7 @@ offline) or from `--weights PATH`.
 Run `python il2vseg.py --help` for the command line; README.md has the walk-through.
 """
 import argparse
+import functools
 import math
 import os
 import sys
@@ -366,30 +367,35 @@ def backbone_features(backbone, images):
 # One training step: all terms of eq (15)
 # --------------------------------------------------------------------------------------------
 
-def low_level_branch(cfg, n_clusters, patch):
-    """The low-level cue F^l of the training loop (eqs 1, 3-12) with cfg's FCM settings: a callable
-    images (B, 3, H, W) in [0, 1] -> (B, K, H/patch, W/patch), replayed from a CUDA graph on CUDA."""
+def low_level_branch(cfg, n_clusters, patch, cuda_graph=False):
+    """The low-level cue F^l (eqs 1, 3-12) with cfg's FCM settings: a callable
+    images (B, 3, H, W) in [0, 1] -> (B, K, H/patch, W/patch).
+
+    cuda_graph=True (the training loop, unless --no-cuda-graph): on CUDA replayed from a CUDA graph
+    captured once per batch shape (fcm.GraphedLowLevelCue; the same numbers, one launch per step).
+    """
     import fcm
-    return fcm.GraphedLowLevelCue(n_clusters, m=cfg.fcm_m, sigma=cfg.fcm_sigma, patch=patch,
-                                  max_iter=cfg.fcm_iters)
+    settings = dict(m=cfg.fcm_m, sigma=cfg.fcm_sigma, patch=patch, max_iter=cfg.fcm_iters)
+    if cuda_graph and not cfg.no_cuda_graph:
+        return fcm.GraphedLowLevelCue(n_clusters, **settings)
+    return functools.partial(fcm.low_level_cue, n_clusters=n_clusters, **settings)
 
 
 def loss_terms(backbone, model, images, cfg, generator, low_level=None):
     """Compute every loss term for one batch; returns a dict name -> scalar tensor.
 
     images (B, 3, H, W) in [0, 1]. cfg is the argparse namespace (alpha, fcm settings, shifts, ...).
-    low_level: the low-level branch (see low_level_branch; made here when not given).
+    low_level: the low-level branch (see low_level_branch; the eager one when not given).
     """
     import data
-    import fcm
     import losses
 
     B = images.shape[0]
     n_clusters = model.local_centres.shape[0]
     if low_level is None:
         low_level = low_level_branch(cfg, n_clusters, backbone.patch)
-    # eqs (1), (3)-(12): the low-level cue. Queued first: it needs the images only, and its input
-    # check (one host sync) then waits for the images alone, not for the backbone.
+    # eqs (1), (3)-(12): the low-level cue. Called first: it needs the images only, so its input
+    # check (a host sync) does not wait for this step's backbone.
     f_low = low_level(images)  # (B, K, h, w)
     augmented = data.photometric_augment(images, generator=generator)  # I~: colour/luminosity jitter
     feats_both = backbone_features(backbone, torch.cat([images, augmented]))  # (2B, C1, h, w)
@@ -412,10 +418,12 @@ def loss_terms(backbone, model, images, cfg, generator, low_level=None):
                                        weights=cfg.corr_weights, generator=generator)
     terms["corr"] = corr["corr"]
 
-    # eq (13). Last of the forward pass: aligning F^l to F^seg waits for the GPU (one host sync
-    # for the Hungarian matching on the CPU), so everything above is queued before it.
+    # eq (13). Last of the forward pass: aligning F^l to F^seg waits for the GPU (a host sync for
+    # the Hungarian matching on the CPU), so everything above is queued before it.
     f_fused = fuse(f_seg, f_low, cfg.alpha)  # (B, K, h, w)
-    small = fcm.downsample(images, patch=backbone.patch)  # (B, 3, h, w) colours for the pixel similarity
+    # colours for the pixel similarity: eq (1) as fcm.downsample, without its NaN check (a host sync;
+    # low_level checked these images already)
+    small = F.interpolate(images, size=f_low.shape[2:], mode="bilinear", align_corners=False)  # (B, 3, h, w)
     terms["fs"], terms["reg"] = losses.feature_similarity_losses(codes, f_fused, small)  # eq (14)
     return terms
 
@@ -539,6 +547,21 @@ def make_optimiser(model, cfg):
     return torch.optim.Adam(groups)
 
 
+def use_own_implementation(optimiser):
+    """After load_state_dict: keep this run's Adam implementation (fused on CUDA, the default on the
+    CPU). load_state_dict takes the flags of the run that wrote the checkpoint (maybe on another
+    device) from its param groups; `step` counters go where this implementation keeps them (on the
+    parameter's device when fused, on the CPU otherwise)."""
+    for group in optimiser.param_groups:
+        group["fused"] = optimiser.defaults.get("fused")
+        group["foreach"] = optimiser.defaults.get("foreach")
+        for param in group["params"]:
+            state = optimiser.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(device=param.device if group["fused"] else "cpu",
+                                                  dtype=torch.float32)
+
+
 def checkpoint_state(model, optimiser, step, generator, cfg, n_clusters):
     return {"step": step, "model": model.state_dict(), "optimiser": optimiser.state_dict(),
             "rng": rng_state(generator), "n_clusters": n_clusters,
@@ -564,6 +587,7 @@ def train(backbone, model, dataset, cfg, device, log=print):
                                       f"this run asks for {getattr(cfg, key)}: resume with the same setting")
         restore(model, state["model"], resume_path)
         restore(optimiser, state["optimiser"], resume_path)
+        use_own_implementation(optimiser)
         set_rng_state(state["rng"], generator, log)
         start_step = int(state["step"])
         log(f"resumed from {resume_path} at step {start_step}")
@@ -582,7 +606,7 @@ def train(backbone, model, dataset, cfg, device, log=print):
     loader = torch.utils.data.DataLoader(EpochItems(dataset), batch_sampler=batches,
                                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    low_level = low_level_branch(cfg, model.local_centres.shape[0], backbone.patch)
+    low_level = low_level_branch(cfg, model.local_centres.shape[0], backbone.patch, cuda_graph=True)
     for step, batch in zip(range(start_step, cfg.steps), loader):
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) in [0, 1]
         terms = loss_terms(backbone, model, images, cfg, generator, low_level)
@@ -626,12 +650,10 @@ def make_code_fn(backbone, model):
 
 def make_low_level_fn(backbone, n_clusters, cfg):
     """For --eval-alpha > 0: F^l aligned to the given head probabilities (B, K, h, w)."""
-    import fcm
+    low_level = low_level_branch(cfg, n_clusters, backbone.patch)
 
     def low_level_fn(images, seg_probs):
-        f_low = fcm.low_level_cue(images, n_clusters, m=cfg.fcm_m, sigma=cfg.fcm_sigma,
-                                  patch=backbone.patch, max_iter=cfg.fcm_iters)
-        return align_clusters(f_low, seg_probs)
+        return align_clusters(low_level(images), seg_probs)
     return low_level_fn
 
 
@@ -794,6 +816,8 @@ def parse_args(argv=None):
     t.add_argument("--save-every", type=int, default=100, help="write OUT/checkpoint.pt every N steps (and at the end)")
     t.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cpu")
+    t.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, run the low-level branch eagerly instead of replaying it from a CUDA graph")
 
     e = p.add_argument_group("evaluation")
     e.add_argument("--probe", choices=["kmeans", "centres"], default="kmeans",
@@ -955,6 +979,8 @@ def run_ablation(cfg, backbone, device, log=print, datasets=None):
 
 
 def main(argv=None):
+    import fcm
+
     cfg = parse_args(argv)
     cfg.train = cfg.train or bool(cfg.resume)
     if not (cfg.train or cfg.eval or cfg.predict or cfg.ablation):
@@ -995,6 +1021,9 @@ def main(argv=None):
         return 0
     except (WeightsError, CheckpointError, ValueError, FloatingPointError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except fcm.CudaGraphError as error:
+        print(f"error: {error}: train with --no-cuda-graph", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted" + ("; the last checkpoint written is intact: continue with --resume" if cfg.train else ""),

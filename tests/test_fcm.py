@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fcm  # noqa: E402
@@ -502,16 +504,31 @@ def test_low_level_cue_of_an_image_does_not_depend_on_the_batch():
         torch.testing.assert_close(batched[:1], alone, rtol=1e-12, atol=1e-12)
 
 
+class NoHostTensors(TorchDispatchMode):
+    """Fails on any op that reads a CPU tensor with data (not a 0-dim scalar): on CUDA that is a
+    host-to-device copy, which CUDA graph capture forbids. (torch.tensor(data, device=...) builds on
+    the device without dispatching any op, so it is not seen here; the core uses none.)"""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for value in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() > 0:
+                raise RuntimeError(f"{func} reads a host tensor of shape {tuple(value.shape)}")
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("spatial,affinity,init", [(True, True, "kmeans++"), (False, False, "random")])
 def test_low_level_core_has_no_host_sync_and_no_host_tensors(spatial, affinity, init):
-    # Run the checked-free core on the "meta" device: any .item() / bool() of a tensor (a host sync
-    # on CUDA) or any tensor made on the CPU inside (a host-to-device copy) raises there. That is
-    # what capturing it in a CUDA graph (GraphedLowLevelCue) needs.
+    # Run the check-free core on the "meta" device, which holds no data: any .item() / bool() of a
+    # tensor (a host sync on CUDA) raises there, and so does mixing in a tensor made on the CPU.
+    # That is what capturing it in a CUDA graph (GraphedLowLevelCue) needs.
     images = torch.empty(2, 3, 32, 24, device="meta")
     draws = fcm._init_draws(2, 4, 12, 0, init).to("meta")
-    cue = fcm._low_level_cue(images, draws, (4, 3), 2.0, 0.1, spatial, 5, 1e-3, False, affinity, init,
-                             stop_early=False)
+    with NoHostTensors():
+        cue = fcm._low_level_cue(images, draws, (4, 3), 2.0, 0.1, spatial, 5, 1e-3, False, affinity, init,
+                                 stop_early=False)
     assert cue.shape == (2, 4, 4, 3) and cue.device.type == "meta"
+    with NoHostTensors(), pytest.raises(RuntimeError, match="reads a host tensor"):
+        torch.ones(3).to("meta")                         # the probe does see a host-to-device copy
     with pytest.raises(RuntimeError):                    # the early exit does sync: the probe sees it
         fcm._low_level_cue(images, draws, (4, 3), 2.0, 0.1, spatial, 5, 1e-3, False, affinity, init,
                            stop_early=True)

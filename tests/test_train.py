@@ -59,6 +59,7 @@ def test_global_centres_follow_the_local_ones_during_training(tmp_path):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.filterwarnings("error")           # on CUDA: the CUDA graph must not fall back to eager
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, device):
     # On CUDA (bf16 autocast, the low-level branch from a CUDA graph, fused Adam) the backward of
     # grid_sample adds with atomics in any order, so two runs agree to rounding, not bit for bit.
@@ -75,6 +76,66 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, device):
     b = il2vseg.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     for group_a, group_b in zip(a["optimiser"]["state"].values(), b["optimiser"]["state"].values()):
         assert same(group_a["exp_avg"], group_b["exp_avg"])
+
+
+def test_resume_keeps_this_devices_adam_implementation(tmp_path):
+    # A checkpoint written on CUDA carries fused=True in Adam's param groups; load_state_dict would
+    # carry it over to a CPU run. The resumed run must use this run's Adam and stay bit-identical.
+    backbone = tiny_backbone()
+    full, _ = run(tmp_path / "full", backbone, steps=6)
+    run(tmp_path / "split", backbone, steps=3)
+    path = tmp_path / "split" / "checkpoint.pt"
+    state = il2vseg.load_checkpoint(path)
+    for group in state["optimiser"]["param_groups"]:
+        group["fused"], group["foreach"] = True, False
+    il2vseg.save_checkpoint(state, path)
+    resumed, _ = run(tmp_path / "split", backbone, steps=6, resume=True)
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    groups = il2vseg.load_checkpoint(path)["optimiser"]["param_groups"]
+    assert all(group["fused"] is None and group["foreach"] is None for group in groups)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_checkpoint_resumes_on_cuda_with_fused_adam(tmp_path):
+    backbone = tiny_backbone()
+    run(tmp_path, backbone, "cpu", steps=3)
+    model, history = run(tmp_path, backbone, "cuda", steps=5, resume=True)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(history)))
+    state = il2vseg.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert all(group["fused"] is True for group in state["optimiser"]["param_groups"])
+    assert state["step"] == 5
+
+
+def test_low_level_branch_of_training_and_of_evaluation(tmp_path):
+    import fcm
+    cfg = config(tmp_path)
+    images = torch.rand(2, 3, 32, 24, generator=torch.Generator().manual_seed(0))
+    eager = il2vseg.low_level_branch(cfg, 4, 8)
+    graphed = il2vseg.low_level_branch(cfg, 4, 8, cuda_graph=True)
+    assert isinstance(graphed, fcm.GraphedLowLevelCue) and not isinstance(eager, fcm.GraphedLowLevelCue)
+    assert not isinstance(il2vseg.low_level_branch(config(tmp_path, no_cuda_graph=True), 4, 8, cuda_graph=True),
+                          fcm.GraphedLowLevelCue)
+    expected = fcm.low_level_cue(images, 4, m=cfg.fcm_m, sigma=cfg.fcm_sigma, patch=8, max_iter=cfg.fcm_iters)
+    assert torch.equal(eager(images), expected) and torch.equal(graphed(images), expected)
+
+
+def test_failed_cuda_graph_capture_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    import fcm
+
+    def failing_capture(self, images):
+        raise fcm.CudaGraphError("low-level branch: CUDA graph capture for batch 4x3x32x32 failed "
+                                 "(RuntimeError: operation not permitted when stream is capturing); "
+                                 "run it without a graph (fcm.low_level_cue)")
+
+    monkeypatch.setattr(fcm.GraphedLowLevelCue, "__call__", failing_capture)
+    argv = ["--train", "--weights", "random", "--crop", "32", "--batch-size", "4", "--steps", "2",
+            "--fcm-iters", "3", "--out", str(tmp_path)]
+    assert il2vseg.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "capture" in err[0] and err[0].endswith("train with --no-cuda-graph")
+    assert il2vseg.main(argv + ["--no-cuda-graph", "--no-crf", "--eval-crop", "32", "--eval-images", "4",
+                                "--save-images", "0"]) == 0
 
 
 def test_a_run_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
