@@ -52,6 +52,12 @@ def timed_together(fns, device, repeat=5, warmup=2):
     return [median([r[i] for r in rounds]) for i in range(len(fns))], median([r[0] - sum(r[1:]) for r in rounds])
 
 
+def graph_use(low_level):
+    """How a low-level branch ran on CUDA: from its CUDA graph, or eagerly (no graph, or fallback)."""
+    graphs = getattr(low_level, "graphs", {})
+    return "CUDA graph" if graphs and None not in graphs.values() else "eager"
+
+
 def training_config(args, n_classes):
     cfg = il2vseg.parse_args(["--data", "cityscapes", "--weights", "random"])
     cfg.batch_size = args.batch
@@ -108,8 +114,8 @@ def main():
     if cuda:
         graphed320 = fcm.GraphedLowLevelCue(27)
         ms = timed(lambda: graphed320(images320), device)
-        how = "CUDA graph" if None not in graphed320.graphs.values() else "graph FELL BACK to eager"
-        add(f"low-level branch 320x320, K=27, {how} (training)", ms, f"batch {args.batch}", "< 5 ms on H100")
+        add(f"low-level branch 320x320, K=27, as in training: {graph_use(graphed320)}", ms, f"batch {args.batch}",
+            "< 5 ms on H100")
 
     # ---- one training step, split
     n_classes = 27
@@ -133,8 +139,7 @@ def main():
     (t_step, t_backbone, t_low), t_rest = timed_together(
         [step, lambda: il2vseg.backbone_features(backbone, both), lambda: low_level(images224)], device)
     add("train step 224x224: backbone (image + jittered copy)", t_backbone, f"batch {args.batch}")
-    graphs = getattr(low_level, "graphs", {})
-    how = "" if not cuda else " (CUDA graph)" if graphs and None not in graphs.values() else " (eager)"
+    how = f" ({graph_use(low_level)})" if cuda else ""
     add(f"train step 224x224: low-level branch{how}", t_low, f"batch {args.batch}",
         f"< 10% of a step: {100 * t_low / t_step:.0f}%")
     add("train step 224x224: head + losses + update (the rest)", t_rest, f"batch {args.batch}")

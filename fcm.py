@@ -587,16 +587,16 @@ class GraphedLowLevelCue:
         self.graphs = {}   # (shape, dtype, device) -> (graph, static images, draws, output) or None
 
     def __call__(self, images):
+        if images.device.type != "cuda":
+            return self._eager(images)
         s = self.settings
         grid = _check_low_level(images, self.n_clusters, s["m"], s["sigma"], s["patch"], s["size"],
                                 s["max_iter"], s["tol"], s["init"])
-        if images.device.type != "cuda":
-            return self._eager(images, grid)
         key = (tuple(images.shape), images.dtype, str(images.device))
         if key not in self.graphs:
             self.graphs[key] = self._capture(images, grid)
         if self.graphs[key] is None:
-            return self._eager(images, grid)
+            return self._eager(images)
         graph, static_images, _, output = self.graphs[key]
         static_images.copy_(images)
         graph.replay()
@@ -608,12 +608,8 @@ class GraphedLowLevelCue:
             return _low_level_cue(images, draws, grid, s["m"], s["sigma"], s["spatial"], s["max_iter"],
                                   s["tol"], s["textbook"], s["affinity"], s["init"], stop_early)
 
-    def _draws(self, images, grid):
-        return _init_draws(images.shape[0], self.n_clusters, grid[0] * grid[1], self.settings["seed"],
-                           self.settings["init"]).to(images.device)
-
-    def _eager(self, images, grid):
-        return self._run(images, self._draws(images, grid), grid, stop_early=images.device.type == "cpu")
+    def _eager(self, images):
+        return low_level_cue(images, self.n_clusters, **self.settings)
 
     def _capture(self, images, grid):
         """Capture the branch for this batch shape: (graph, static input, draws, static output), or
@@ -623,7 +619,8 @@ class GraphedLowLevelCue:
         random generator in capture mode, so going on eagerly in the same process is not safe."""
         shape = "x".join(map(str, images.shape))
         device = images.device
-        draws = self._draws(images, grid)                      # the same every call: kept by the graph
+        draws = _init_draws(images.shape[0], self.n_clusters, grid[0] * grid[1], self.settings["seed"],
+                            self.settings["init"]).to(device)  # the same every call: kept by the graph
         static_images = images.clone()
         caller_stream = torch.cuda.current_stream(device)
         try:
@@ -646,7 +643,7 @@ class GraphedLowLevelCue:
         probe = images.flip(-1)                                # other numbers: the replay must read them
         static_images.copy_(probe)
         graph.replay()
-        expected = self._eager(probe, grid)
+        expected = self._eager(probe)
         if not torch.allclose(output, expected, rtol=1e-4, atol=1e-5):
             difference = (output - expected).abs().max().item()
             warnings.warn(f"low-level branch: the CUDA graph for batch {shape} differs from the eager "
