@@ -2,7 +2,6 @@
 scenes, transforms, loaders and the photometric augmentation Ĩ (against slow per-pixel references)."""
 
 import colorsys
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -13,9 +12,8 @@ import scipy.io
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-from data import IGNORE, DataError, build_dataset  # noqa: E402
+import data
+from data import IGNORE, DataError, build_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

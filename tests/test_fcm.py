@@ -2,16 +2,13 @@
 properties the paper states (memberships sum to 1, spatial FCM removes isolated noise, F_l = A P)."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fcm  # noqa: E402
+import fcm
 
 
 # ----------------------------------------------------------------------------------------------

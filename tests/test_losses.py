@@ -2,15 +2,12 @@
 source states (signs and shifts, collapse, switches, NaN handling)."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import losses  # noqa: E402
+import losses
 
 
 # ------------------------------------------------------------------------------------------------
