@@ -52,20 +52,15 @@ Speed (10 iterations, lattice construction included):
   One H100 (smoothed random images): 26 ms (480x360, 11 classes) and 24 ms (320x320, 27 classes)
   per image one at a time;
   16 and 14 ms per image in batches of 8.
+
+Every public function can be copied alone into another project (with math and torch imported and
+the functions named on its "needs:" line): no module constants, the limits are keyword arguments
+(`sparse_csr` imports `warnings` itself).
 """
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
-
-# Largest number of kernel entries (rows x columns) held at once by the exact all-pairs filter.
-EXACT_CHUNK_ENTRIES = 2 ** 22
-# The exact filter keeps its kernel rows in memory when there are at most this many entries.
-EXACT_CACHE_ENTRIES = 2 ** 25
-
-# Smoothness kernels with sxy up to this many pixels are computed by convolution (else: lattice).
-MAX_CONV_SXY = 4.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +142,7 @@ def mean_field(unary, kernels, iterations):
     unary (B, H, W, K), labels last; kernels: list of (compat, kernel_filter) where kernel_filter
     maps values (B, H, W, C) to the kernel sums  sum_j k(i, j) v_j  (self term included), same shape.
     Returns Q (B, H, W, K) after `iterations` updates.
+    needs: softmax_last
     """
     # Symmetric normalisation per kernel: n = 1 / sqrt(K 1 + 1e-20), computed once.
     ones = torch.ones_like(unary[..., :1])                                      # (B, H, W, 1)
@@ -168,7 +164,10 @@ def mean_field(unary, kernels, iterations):
 
 
 def run_crf(probs, kernels, iterations):
-    """Unary from probs (B, K, H, W), mean field, back to (B, K, H, W) contiguous float32."""
+    """Unary from probs (B, K, H, W), mean field, back to (B, K, H, W) contiguous float32.
+
+    needs: unary_from_probs, mean_field
+    """
     unary = unary_from_probs(probs).permute(0, 2, 3, 1).contiguous()            # (B, H, W, K)
     Q = mean_field(unary, kernels, iterations)                                  # (B, H, W, K)
     return Q.permute(0, 3, 1, 2).contiguous()                                   # (B, K, H, W)
@@ -178,17 +177,18 @@ def run_crf(probs, kernels, iterations):
 # Exact version: all pairs, chunked
 # ---------------------------------------------------------------------------------------------
 
-def exact_gaussian_filter(features):
+def exact_gaussian_filter(features, chunk_entries=2 ** 22, cache_entries=2 ** 25):
     """Return kernel_filter: v -> sum_j exp(-|f_i - f_j|^2 / 2) v_j over ALL pixels j (self included).
 
     features (B, H, W, d). The filter maps (B, H, W, C) -> (B, H, W, C). Kernel rows are computed
-    in chunks of at most EXACT_CHUNK_ENTRIES entries; they are computed once and kept when all of
-    them fit in EXACT_CACHE_ENTRIES, else recomputed at every call (O(N^2) time, bounded memory).
+    in chunks of at most `chunk_entries` entries (rows x columns, at least one row); they are
+    computed once and kept when all of them fit in `cache_entries`, else recomputed at every call
+    (O(N^2) time, bounded memory).
     """
     B, H, W, d = features.shape
     N = H * W
     feats = features.reshape(B, N, d)                                           # (B, N, d)
-    chunk = max(1, EXACT_CHUNK_ENTRIES // N)
+    chunk = max(1, int(chunk_entries) // N)
     starts = range(0, N, chunk)
 
     def kernel_rows(b, start):
@@ -198,7 +198,7 @@ def exact_gaussian_filter(features):
         return torch.exp(dist.square_().mul_(-0.5))                             # (c, N)
 
     cache = None
-    if B * N * N <= EXACT_CACHE_ENTRIES:
+    if B * N * N <= cache_entries:
         cache = {(b, start): kernel_rows(b, start) for b in range(B) for start in starts}
 
     def kernel_filter(values):
@@ -214,18 +214,23 @@ def exact_gaussian_filter(features):
 
 
 def dense_crf_exact(images, probs, iterations=10, sxy_gauss=1.0, compat_gauss=3.0,
-                    sxy_bilateral=67.0, srgb=3.0, compat_bilateral=4.0):
+                    sxy_bilateral=67.0, srgb=3.0, compat_bilateral=4.0, *,
+                    chunk_entries=2 ** 22, cache_entries=2 ** 25):
     """Dense CRF with exact all-pairs Gaussian kernels (reference for small images).
 
     images (B, 3, H, W) RGB 0..255 (uint8 or float), probs (B, K, H, W) class probabilities
     -> refined probabilities (B, K, H, W) float32, summing to 1 over K. Same device as the input.
     Time O((H W)^2) per iteration: use it on small images (e.g. <= 120 x 90 on a CPU).
+    chunk_entries, cache_entries: memory limits of `exact_gaussian_filter` (same result).
+    needs: check_crf_inputs, pixel_features, exact_gaussian_filter, run_crf
     """
     images, probs = check_crf_inputs(images, probs, iterations, sxy_gauss, compat_gauss,
                                      sxy_bilateral, srgb, compat_bilateral)
     kernels = [
-        (compat_gauss, exact_gaussian_filter(pixel_features(images, sxy_gauss))),
-        (compat_bilateral, exact_gaussian_filter(pixel_features(images, sxy_bilateral, srgb))),
+        (compat_gauss, exact_gaussian_filter(pixel_features(images, sxy_gauss),
+                                             chunk_entries, cache_entries)),
+        (compat_bilateral, exact_gaussian_filter(pixel_features(images, sxy_bilateral, srgb),
+                                                 chunk_entries, cache_entries)),
     ]
     return run_crf(probs, kernels, iterations)
 
@@ -257,15 +262,20 @@ def separable_gaussian_filter(sxy):
 
 
 def sparse_csr(crow, columns, values, size):
-    """torch.sparse_csr_tensor without the "sparse CSR support is in beta state" warning."""
+    """torch.sparse_csr_tensor without torch's "sparse CSR support is in beta state" warning."""
+    # imported here, not at the top, so that the function also works pasted alone (with torch only)
+    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, columns, values, size)
+        return torch.sparse_csr_tensor(crow, columns, values, size, check_invariants=False)
 
 
 def csr_from_rows(columns, values, n_columns):
     """Sparse CSR matrix (R, n_columns) whose row r holds values[r, k] at columns[r, k]; columns
-    -1 are empty slots. columns, values (R, k) with no repeated column within a row."""
+    -1 are empty slots. columns, values (R, k) with no repeated column within a row.
+
+    needs: sparse_csr
+    """
     columns, order = torch.sort(columns, dim=1)                                 # CSR wants sorted columns
     values = torch.gather(values, 1, order)
     filled = columns >= 0                                                       # (R, k)
@@ -282,6 +292,7 @@ def permutohedral_lattice(features):
         (P = B*H*W pixels, M lattice points),
       blurs: d+1 matrices (M, M): v <- v + (v[plus] + v[minus]) / 2 along each lattice direction,
       slice (P, M): the transpose of splat (interpolation back with the same weights).
+    needs: sparse_csr, csr_from_rows
     """
     B, H, W, d = features.shape
     P = B * H * W
@@ -387,6 +398,7 @@ def lattice_filter(features):
     (B, H, W, C) -> same. The lattice is built once here. The result is proportional to the
     Gaussian sum (the reference's constant alpha is left out: it cancels in the symmetric
     normalisation).
+    needs: permutohedral_lattice
     """
     lattice = permutohedral_lattice(features)
 
@@ -401,18 +413,19 @@ def lattice_filter(features):
 
 
 def dense_crf(images, probs, iterations=10, sxy_gauss=1.0, compat_gauss=3.0,
-              sxy_bilateral=67.0, srgb=3.0, compat_bilateral=4.0):
+              sxy_bilateral=67.0, srgb=3.0, compat_bilateral=4.0, *, max_conv_sxy=4.0):
     """Fast dense CRF (Krähenbühl & Koltun 2011) with the peers' pydensecrf constants as defaults.
 
     images (B, 3, H, W) RGB 0..255 (uint8 or float), probs (B, K, H, W) class probabilities
     (e.g. softmax of upsampled logits) -> refined probabilities (B, K, H, W) float32, summing to 1
     over K, on the input's device. Smoothness kernel: exact separable convolution (a lattice when
-    sxy_gauss > 4); appearance kernel: permutohedral lattice. See the module docstring for the
-    measured difference from `dense_crf_exact`.
+    sxy_gauss > max_conv_sxy = 4 px); appearance kernel: permutohedral lattice. See the module
+    docstring for the measured difference from `dense_crf_exact`.
+    needs: check_crf_inputs, pixel_features, separable_gaussian_filter, lattice_filter, run_crf
     """
     images, probs = check_crf_inputs(images, probs, iterations, sxy_gauss, compat_gauss,
                                      sxy_bilateral, srgb, compat_bilateral)
-    if sxy_gauss <= MAX_CONV_SXY:
+    if sxy_gauss <= max_conv_sxy:
         smooth_filter = separable_gaussian_filter(sxy_gauss)
     else:
         smooth_filter = lattice_filter(pixel_features(images, sxy_gauss))

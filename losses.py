@@ -19,14 +19,16 @@ the four terms; this file writes each one down:
           matrix and a pixel-similarity matrix are combined with the Gram matrix projection of the
           fused map F_f; the exact interpretation implemented here is written in that docstring.
 - `total_loss` sums them (eq 15) with one switch per term for the ablation of Table 4 and stops with
-  a one-line `FloatingPointError` naming the term that is NaN / inf.
+  a one-line `FloatingPointError` naming the term (or the coefficient) that is NaN / inf.
 
-Constants (shifts and weights) of the peers, per data set: `STEGO_WEIGHTS`, `STEGO_SHIFTS`,
-`SMOOSEG_SHIFTS`, looked up with `loss_constants(dataset_name)`.
+The peers' constants (shifts, weights, temperature) per data set and backbone:
+`loss_constants(dataset, arch)`.
 
+Every public function can be copied alone into another project (with math and torch imported and
+the functions named on its "needs:" line): no module constants, checks written inline.
 Conventions: all functions take tensors and work on the inputs' device; computations are done in at
-least float32 (float64 stays float64), so bf16/fp16 inputs under autocast do not lose the cosines.
-Only torch is needed.
+least float32 (float64 stays float64), and the matrix products run with autocast switched off, so
+bf16/fp16 inputs under AMP do not lose the cosines.
 """
 
 import math
@@ -36,109 +38,75 @@ import torch.nn.functional as F
 
 
 # ------------------------------------------------------------------------------------------------
-# Per-data-set constants of the peers (../shared/docs/anchors.md)
+# The peers' constants, per data set and backbone (../shared/docs/anchors.md)
 # ------------------------------------------------------------------------------------------------
 
-# STEGO correspondence loss, ViT-S/8 configurations. Keys: "pos_intra" = image with itself,
-# "pos_inter" = image with a positive partner (here: its photometric copy Ĩ), "neg_inter" = image with
-# other images of the batch.
-STEGO_WEIGHTS = {
-    "cocostuff": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
-    "cityscapes": {"pos_intra": 1.0, "pos_inter": 0.577, "neg_inter": 0.906},
-    "potsdam": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
-    # Any other data set (MaSTr1325, your own folder): no peer tuned one, so we fall back to the
-    # COCO-Stuff values, the most varied natural-image set the peers tuned on.
-    "default": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
-}
-STEGO_SHIFTS = {
-    "cocostuff": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.66},
-    "cityscapes": {"pos_intra": 0.458, "pos_inter": 0.175, "neg_inter": 0.314},
-    "potsdam": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.46},
-    "default": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.66},
-}
+def loss_constants(dataset, arch="vits8"):
+    """The peers' tuned loss constants for a data set name and a backbone name.
 
-# SmooSeg smoothness loss: "close" = b_close (image with itself), "far" = b_far (image with another).
-# The Potsdam values were tuned by SmooSeg for a ViT-B/8 backbone (no ViT-S/8 values are published).
-SMOOSEG_SHIFTS = {
-    "cocostuff": {"close": -0.02, "far": 0.48},
-    "cityscapes": {"close": -0.02, "far": 0.5},
-    "potsdam": {"close": 0.1, "far": 0.5},
-    "default": {"close": -0.02, "far": 0.48},
-}
-
-# SmooSeg's temperature for the cluster probabilities of the smoothness loss:
-# probs = softmax(inner_global / SMOOSEG_TEMPERATURE) over the clusters (computed by the caller).
-SMOOSEG_TEMPERATURE = 0.1
-
-
-def loss_constants(dataset):
-    """Peer constants for a data set name, e.g. "cityscapes", "cocostuff27", "potsdam", "mastr1325".
-
-    Returns {"stego_weights": {...}, "stego_shifts": {...}, "smooseg_shifts": {...}} (copies).
-    Names are matched by prefix ("cocostuff27" -> "cocostuff", "coco..." -> "cocostuff");
-    anything else gets the "default" entry.
+    dataset: e.g. "cityscapes", "cocostuff27", "potsdam", "mastr1325", "camvid", "folder".
+        Matched by prefix ("cocostuff27" -> "cocostuff", any "coco..." -> "cocostuff"); a data set
+        no peer tuned on gets the "default" entry (see below).
+    arch: the backbone. Every ViT / DINOv2 name ("vits8", "vitb8", "dinov2_vits14", ...) gets
+        STEGO's ViT constants; "resnet50-mocov2" gets STEGO's MoCo v2 ResNet-50 constants.
+    Returns {"stego_weights": {...}, "stego_shifts": {...}, "smooseg_shifts": {...},
+             "smooseg_temperature": 0.1}, fresh dicts the caller may change.
     """
-    name = str(dataset).lower()
+    # STEGO's correspondence loss, its ViT-S/8 configurations. Keys: "pos_intra" = image with
+    # itself, "pos_inter" = image with a positive partner (here: its photometric copy Ĩ),
+    # "neg_inter" = image with other images of the batch.
+    stego_weights = {
+        "cocostuff": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
+        "cityscapes": {"pos_intra": 1.0, "pos_inter": 0.577, "neg_inter": 0.906},
+        "potsdam": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
+        # Any other data set (MaSTr1325, CamVid, your own folder): no peer tuned one, so we fall
+        # back to the COCO-Stuff values, the most varied natural-image set the peers tuned on.
+        "default": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
+    }
+    stego_shifts = {
+        "cocostuff": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.66},
+        "cityscapes": {"pos_intra": 0.458, "pos_inter": 0.175, "neg_inter": 0.314},
+        "potsdam": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.46},
+        "default": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.66},
+    }
+    # STEGO's COCO-Stuff configuration for MoCo v2 ResNet-50. STEGO published MoCo constants for
+    # COCO-Stuff only, so they are used for every data set with this backbone.
+    moco_weights = {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63}
+    moco_shifts = {"pos_intra": 0.32, "pos_inter": 0.36, "neg_inter": 0.26}
+    # SmooSeg's smoothness loss: "close" = b_close (image with itself), "far" = b_far (image with
+    # another). The Potsdam values were tuned by SmooSeg for a ViT-B/8 backbone (no ViT-S/8 values
+    # are published); the anchors hold no ResNet-50 values, so these serve every backbone.
+    smooseg_shifts = {
+        "cocostuff": {"close": -0.02, "far": 0.48},
+        "cityscapes": {"close": -0.02, "far": 0.5},
+        "potsdam": {"close": 0.1, "far": 0.5},
+        "default": {"close": -0.02, "far": 0.48},
+    }
+    # SmooSeg's temperature of the cluster probabilities of the smoothness loss:
+    # probs = softmax(inner_global / 0.1) over the clusters (computed by the caller).
+    smooseg_temperature = 0.1
+
+    name, backbone = str(dataset).lower(), str(arch).lower()
     key = "default"
     for known in ("cityscapes", "cocostuff", "potsdam"):
         if name.startswith(known):
             key = known
     if key == "default" and name.startswith("coco"):
         key = "cocostuff"
-    return {
-        "stego_weights": dict(STEGO_WEIGHTS[key]),
-        "stego_shifts": dict(STEGO_SHIFTS[key]),
-        "smooseg_shifts": dict(SMOOSEG_SHIFTS[key]),
-    }
+    if backbone == "resnet50-mocov2":
+        weights, shifts = moco_weights, moco_shifts
+    elif backbone.startswith(("vit", "dinov2")):
+        weights, shifts = stego_weights[key], stego_shifts[key]
+    else:
+        raise ValueError(f"loss_constants: unknown arch '{arch}' (a ViT/DINOv2 name such as "
+                         "'vits8', or 'resnet50-mocov2')")
+    return {"stego_weights": dict(weights), "stego_shifts": dict(shifts),
+            "smooseg_shifts": dict(smooseg_shifts[key]), "smooseg_temperature": smooseg_temperature}
 
 
 # ------------------------------------------------------------------------------------------------
-# Small helpers
+# Pairing every image of a batch with another one
 # ------------------------------------------------------------------------------------------------
-
-def _compute_dtype(t):
-    """At least float32: bf16/fp16 cosines are too coarse for these losses; float64 stays float64."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def _check_4d(name, t):
-    if not torch.is_tensor(t) or t.dim() != 4:
-        shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-        raise ValueError(f"{name} must be a 4-D tensor (B, C, h, w), got {shape}")
-
-
-def _flat_unit(t):
-    """(B, C, h, w) -> (B, C, N) with every column (pixel) L2-normalised over C."""
-    return F.normalize(t.to(_compute_dtype(t)).flatten(2), dim=1)
-
-
-def _no_autocast(t):
-    """Context that switches autocast off on t's device: under AMP, bmm would run in bf16/fp16."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
-
-
-def _unit_dot(unit_a, unit_b):
-    """(B, C, Na), (B, C, Nb) with unit columns -> (B, Na, Nb) of their dot products (cosines)."""
-    with _no_autocast(unit_a):
-        return torch.bmm(unit_a.transpose(1, 2), unit_b)  # (B, Na, Nb)
-
-
-def _cosine(a, b):
-    """Cosine similarity of every pixel of a with every pixel of b.
-
-    a (B, C, ha, wa), b (B, C, hb, wb) -> (B, Na, Nb), Na = ha*wa, Nb = hb*wb.
-    """
-    return _unit_dot(_flat_unit(a), _flat_unit(b))  # (B, Na, Nb)
-
-
-def _draw_device(generator):
-    return generator.device if generator is not None else torch.device("cpu")
-
-
-def _to_device(t, device):
-    """Move a freshly drawn tensor to `device` without a device-wide sync (staged host copy)."""
-    return t if device is None else t.to(device, non_blocking=True)
-
 
 def derangements(count, B, generator=None, device=None):
     """`count` random permutations of range(B), none with a fixed point: (count, B) long.
@@ -149,22 +117,24 @@ def derangements(count, B, generator=None, device=None):
     (e.g. two swaps for B = 4), which does not matter for drawing negatives.
 
     generator: torch.Generator or None (torch's default generator). Drawn on the generator's device
-    (CPU when None) and moved to `device` (default: the draw device), so a CPU generator gives the
-    same permutations on CPU and CUDA.
+    (CPU when None) and moved to `device` (default: the draw device) without a device-wide sync,
+    so a CPU generator gives the same permutations on CPU and CUDA.
     """
     if int(B) < 2:
         raise ValueError(f"derangement needs a batch of at least 2 images, got B={B}")
-    noise = torch.rand(int(count), int(B), generator=generator, device=_draw_device(generator))
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.rand(int(count), int(B), generator=generator, device=draw_device)
     order = noise.argsort(dim=1)  # (count, B) random orders of the batch
     perm = torch.empty_like(order)
     perm.scatter_(1, order, order.roll(shifts=-1, dims=1))  # image order[i] -> image order[i+1]
-    return _to_device(perm, device)  # (count, B)
+    return perm if device is None else perm.to(device, non_blocking=True)  # (count, B)
 
 
 def derangement(B, generator=None, device=None):
     """One random permutation of range(B) with no fixed points (perm[i] != i): (B,) long.
 
     Same as derangements(1, B, generator, device)[0]; see there.
+    needs: derangements
     """
     return derangements(1, B, generator, device)[0]
 
@@ -176,7 +146,7 @@ def derangement(B, generator=None, device=None):
 def feature_affinity(feats_a, feats_b):
     """Centred cosine affinity of frozen backbone features (SmooSeg's fd, STEGO's F), no grad.
 
-    feats_a (B, C, ha, wa), feats_b (B, C, hb, wb) -> (B, Na, Nb):
+    feats_a (B, C, ha, wa), feats_b (B, C, hb, wb) -> (B, Na, Nb), Na = ha*wa, Nb = hb*wb:
         fd_ij  = cos(f_i, g_j)                      for every pixel i of a and j of b
         fd_ij -= mean_j fd_ij                       (each row centred: "pointwise" normalisation)
         fd     = fd - mean(fd) + old_mean           (old_mean = mean of the raw fd over the whole
@@ -184,25 +154,22 @@ def feature_affinity(feats_a, feats_b):
     After the row centring the tensor's mean is 0 up to rounding, so the result is the row-centred
     cosine shifted to the raw global mean: the shifts b of the losses keep their meaning.
     """
-    _check_4d("feats_a", feats_a)
-    _check_4d("feats_b", feats_b)
+    for name, t in (("feats_a", feats_a), ("feats_b", feats_b)):
+        if not torch.is_tensor(t) or t.dim() != 4:
+            raise ValueError(f"feature_affinity: {name} must be a 4-D tensor (B, C, h, w), got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
     if feats_a.shape[:2] != feats_b.shape[:2]:
         raise ValueError(f"feature_affinity: feats_a {tuple(feats_a.shape)} and feats_b "
                          f"{tuple(feats_b.shape)} differ in batch size or channels")
-    return _centred_affinity(feats_a, feats_b, groups=1)  # (B, Na, Nb)
-
-
-def _centred_affinity(feats_a, feats_b, groups):
-    """feature_affinity where the batch is `groups` equal consecutive chunks, each centred on its
-    own raw mean: the result for chunk g equals feature_affinity on chunk g alone (lets several
-    pairings be computed in one batched call)."""
-    with torch.no_grad():
-        affinity = _cosine(feats_a, feats_b)  # (G*B, Na, Nb)
-        affinity = affinity.unflatten(0, (groups, -1))  # (G, B, Na, Nb)
-        old_mean = affinity.mean(dim=(1, 2, 3), keepdim=True)  # (G, 1, 1, 1)
-        affinity = affinity - affinity.mean(dim=3, keepdim=True)  # centre every row over j
-        affinity = affinity - affinity.mean(dim=(1, 2, 3), keepdim=True) + old_mean
-    return affinity.flatten(0, 1)  # (G*B, Na, Nb)
+    dtype = torch.promote_types(torch.promote_types(feats_a.dtype, feats_b.dtype), torch.float32)
+    with torch.no_grad(), torch.autocast(device_type=feats_a.device.type, enabled=False):
+        unit_a = F.normalize(feats_a.to(dtype).flatten(2), dim=1)  # (B, C, Na), unit columns
+        unit_b = F.normalize(feats_b.to(dtype).flatten(2), dim=1)  # (B, C, Nb)
+        affinity = torch.bmm(unit_a.transpose(1, 2), unit_b)  # cosines (B, Na, Nb)
+        old_mean = affinity.mean()
+        affinity = affinity - affinity.mean(dim=2, keepdim=True)  # centre every row over j
+        affinity = affinity - affinity.mean() + old_mean
+    return affinity  # (B, Na, Nb)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,9 +180,10 @@ def smoothness_loss(feats, probs, shift_close, shift_far, perm=None, generator=N
     """SmooSeg's smoothness loss L_smo (Lan et al. 2024), the L_smo of eq (15).
 
     feats (B, C, h, w): frozen backbone features (no gradient is taken through them).
-    probs (B, K, h, w): cluster probabilities P = softmax(inner_global / SMOOSEG_TEMPERATURE) over K,
-        computed by the caller (inner_global = cos(code, global centres)); gradient flows into it.
-    shift_close, shift_far: b_close, b_far (SMOOSEG_SHIFTS).
+    probs (B, K, h, w): cluster probabilities P = softmax(inner_global / 0.1) over K (SmooSeg's
+        temperature, `loss_constants`), computed by the caller (inner_global = cos(code, global
+        centres)); gradient flows into it.
+    shift_close, shift_far: b_close, b_far (`loss_constants(...)["smooseg_shifts"]`).
     perm: (B,) long, a permutation of the batch without fixed points pairing each image with another
         one; None draws one with `derangement(B, generator)`.
 
@@ -226,38 +194,36 @@ def smoothness_loss(feats, probs, shift_close, shift_far, perm=None, generator=N
     Pairs whose features are more alike than b pull their label distributions together, the others
     push them apart. With B == 1 there is no other image: the far term is skipped (close term only).
     Returns a scalar.
+    needs: feature_affinity, derangement
     """
-    _check_4d("feats", feats)
-    _check_4d("probs", probs)
+    for name, t in (("feats", feats), ("probs", probs)):
+        if not torch.is_tensor(t) or t.dim() != 4:
+            raise ValueError(f"smoothness_loss: {name} must be a 4-D tensor (B, C, h, w), got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
     if feats.shape[0] != probs.shape[0] or feats.shape[2:] != probs.shape[2:]:
         raise ValueError(f"smoothness_loss: feats {tuple(feats.shape)} and probs "
                          f"{tuple(probs.shape)} must share batch size and grid size")
     batch = feats.shape[0]
-    probs_unit = _flat_unit(probs)  # (B, K, N)
-
-    if batch == 1:  # no other image in the batch: far term skipped
-        affinity_close = feature_affinity(feats, feats)  # (1, N, N)
-        label_distance_close = 1 - _unit_dot(probs_unit, probs_unit)  # (1, N, N)
-        return ((affinity_close - shift_close) * label_distance_close).mean()  # L_smo, eq (15)
-
-    if perm is None:
+    if batch > 1 and perm is None:
         perm = derangement(batch, generator, feats.device)  # (B,)
-    else:  # a caller's permutation is checked (one small device sync)
+    elif batch > 1:  # a caller's permutation is checked (one small device sync)
         perm = torch.as_tensor(perm, device=feats.device).long()
         if perm.shape != (batch,) or (perm == torch.arange(batch, device=perm.device)).any():
             raise ValueError(f"smoothness_loss: perm must be a permutation of the {batch} images "
                              f"with no fixed points, got {perm.tolist()}")
 
-    # both pairings in one batched call: chunk 0 = image with itself, chunk 1 = with image perm[b]
-    # (each chunk centred on its own mean, exactly as two separate feature_affinity calls)
-    affinity = _centred_affinity(feats.repeat(2, 1, 1, 1), torch.cat([feats, feats[perm]]),
-                                 groups=2)  # (2B, N, N)
-    label_distance = 1 - _unit_dot(probs_unit.repeat(2, 1, 1),
-                                   torch.cat([probs_unit, probs_unit[perm]]))  # (2B, N, N)
-    shift = torch.tensor([shift_close, shift_far], dtype=affinity.dtype, device=affinity.device)
-    shift = shift.repeat_interleave(batch)[:, None, None]  # (2B, 1, 1)
-    terms = ((affinity - shift) * label_distance).unflatten(0, (2, batch)).mean(dim=(1, 2, 3))
-    return terms.sum()  # L_smo of eq (15): close term + far term
+    dtype = torch.promote_types(probs.dtype, torch.float32)
+    with torch.autocast(device_type=probs.device.type, enabled=False):
+        probs_unit = F.normalize(probs.to(dtype).flatten(2), dim=1)  # (B, K, N), unit columns
+        # image with itself
+        affinity = feature_affinity(feats, feats)  # fd (B, N, N), no grad
+        label_distance = 1 - torch.bmm(probs_unit.transpose(1, 2), probs_unit)  # cd (B, N, N)
+        loss = ((affinity - shift_close) * label_distance).mean()  # L_smo, eq (15): close term
+        if batch > 1:  # image b with image perm[b]
+            affinity = feature_affinity(feats, feats[perm])  # (B, N, N)
+            label_distance = 1 - torch.bmm(probs_unit.transpose(1, 2), probs_unit[perm])
+            loss = loss + ((affinity - shift_far) * label_distance).mean()  # + far term
+    return loss
 
 
 def data_loss(inner_local, inner_global, temperature=1.0):
@@ -272,15 +238,18 @@ def data_loss(inner_local, inner_global, temperature=1.0):
     SmooSeg's energy is data + smoothness; this term goes with L_smo in eq (15).
     Returns a scalar.
     """
-    _check_4d("inner_local", inner_local)
-    _check_4d("inner_global", inner_global)
+    for name, t in (("inner_local", inner_local), ("inner_global", inner_global)):
+        if not torch.is_tensor(t) or t.dim() != 4:
+            raise ValueError(f"data_loss: {name} must be a 4-D tensor (B, K, h, w), got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
     if inner_local.shape != inner_global.shape:
         raise ValueError(f"data_loss: inner_local {tuple(inner_local.shape)} and inner_global "
                          f"{tuple(inner_global.shape)} must have the same shape")
     if not temperature > 0:
         raise ValueError(f"data_loss: temperature must be > 0, got {temperature}")
     target = inner_global.detach().argmax(dim=1)  # (B, h, w)
-    logits = inner_local.to(_compute_dtype(inner_local)) / temperature  # (B, K, h, w)
+    dtype = torch.promote_types(inner_local.dtype, torch.float32)
+    logits = inner_local.to(dtype) / temperature  # (B, K, h, w)
     return F.cross_entropy(logits, target)
 
 
@@ -292,12 +261,12 @@ def random_coords(B, n, generator=None, device=None):
     """Random sampling positions for grid_sample: (B, n, n, 2) uniform in [-1, 1].
 
     Last axis is (x, y) in grid_sample's convention (-1 = left/top edge centre, +1 = right/bottom,
-    align_corners=True). Drawn on the generator's device (CPU when None) and moved to `device`, so a
-    CPU generator gives the same points on CPU and CUDA.
+    align_corners=True). Drawn on the generator's device (CPU when None) and moved to `device`
+    without a device-wide sync, so a CPU generator gives the same points on CPU and CUDA.
     """
-    coords = torch.rand(int(B), int(n), int(n), 2, generator=generator,
-                        device=_draw_device(generator))
-    return _to_device(coords * 2 - 1, device)  # (B, n, n, 2)
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    coords = torch.rand(int(B), int(n), int(n), 2, generator=generator, device=draw_device) * 2 - 1
+    return coords if device is None else coords.to(device, non_blocking=True)  # (B, n, n, 2)
 
 
 def sample_points(t, coords):
@@ -306,10 +275,13 @@ def sample_points(t, coords):
     grid_sample with align_corners=True (-1 and +1 are the centres of the corner pixels) and
     padding 'border', as STEGO does.
     """
-    _check_4d("t", t)
-    if coords.dim() != 4 or coords.shape[-1] != 2 or coords.shape[0] != t.shape[0]:
-        raise ValueError(f"sample_points: coords must be (B, n, m, 2) with B={t.shape[0]}, "
-                         f"got {tuple(coords.shape)}")
+    if not torch.is_tensor(t) or t.dim() != 4:
+        raise ValueError(f"sample_points: t must be a 4-D tensor (B, C, h, w), got "
+                         f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+    if not torch.is_tensor(coords) or coords.dim() != 4 or coords.shape[-1] != 2 \
+            or coords.shape[0] != t.shape[0]:
+        raise ValueError(f"sample_points: coords must be (B, n, m, 2) with B={t.shape[0]}, got "
+                         f"{tuple(coords.shape) if torch.is_tensor(coords) else type(coords).__name__}")
     return F.grid_sample(t, coords.to(t.dtype), mode="bilinear", padding_mode="border",
                          align_corners=True)  # (B, C, n, m)
 
@@ -325,28 +297,26 @@ def correspondence_loss(feats_a, feats_b, codes_a, codes_b, shift):
     Pairs with F above the shift are pulled together (S up lowers L), pairs below are pushed apart
     until their codes are orthogonal (the clamp stops the push at S = 0). Raising the shift raises L.
     Returns a scalar.
+    needs: feature_affinity
     """
-    _check_4d("codes_a", codes_a)
-    _check_4d("codes_b", codes_b)
+    tensors = (("feats_a", feats_a), ("feats_b", feats_b), ("codes_a", codes_a), ("codes_b", codes_b))
+    for name, t in tensors:
+        if not torch.is_tensor(t) or t.dim() != 4:
+            raise ValueError(f"correspondence_loss: {name} must be a 4-D tensor (B, C, h, w), got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
     if codes_a.shape[2:] != feats_a.shape[2:] or codes_b.shape[2:] != feats_b.shape[2:]:
         raise ValueError("correspondence_loss: codes and feats must be sampled at the same points, "
                          f"got feats {tuple(feats_a.shape)}/{tuple(feats_b.shape)} and codes "
                          f"{tuple(codes_a.shape)}/{tuple(codes_b.shape)}")
     if feats_a.shape[0] != codes_a.shape[0] or feats_b.shape[0] != codes_b.shape[0]:
         raise ValueError("correspondence_loss: feats and codes must have the same batch size")
-    return _correspondence_per_group(feats_a, feats_b, codes_a, codes_b, [shift])[0]
-
-
-def _correspondence_per_group(feats_a, feats_b, codes_a, codes_b, shifts):
-    """correspondence_loss for G pairings at once: the batch is G equal consecutive chunks, chunk g
-    with shift shifts[g]. Returns (G,): entry g equals correspondence_loss on chunk g alone."""
-    groups = len(shifts)
-    affinity = _centred_affinity(feats_a, feats_b, groups)  # (G*B, Na, Nb), no grad
-    code_similarity = _cosine(codes_a, codes_b)  # (G*B, Na, Nb)
-    shift = torch.as_tensor(shifts, dtype=affinity.dtype, device=affinity.device)  # (G,)
-    shift = shift.repeat_interleave(affinity.shape[0] // groups)[:, None, None]  # (G*B, 1, 1)
-    loss = -code_similarity.clamp(min=0) * (affinity - shift)  # L_corr of eq (15), (G*B, Na, Nb)
-    return loss.unflatten(0, (groups, -1)).mean(dim=(1, 2, 3))  # (G,)
+    affinity = feature_affinity(feats_a, feats_b)  # F (B, Na, Nb), no grad
+    dtype = torch.promote_types(torch.promote_types(codes_a.dtype, codes_b.dtype), torch.float32)
+    with torch.autocast(device_type=codes_a.device.type, enabled=False):
+        unit_a = F.normalize(codes_a.to(dtype).flatten(2), dim=1)  # (B, D, Na), unit columns
+        unit_b = F.normalize(codes_b.to(dtype).flatten(2), dim=1)  # (B, D, Nb)
+        code_similarity = torch.bmm(unit_a.transpose(1, 2), unit_b)  # S (B, Na, Nb)
+    return (-code_similarity.clamp(min=0) * (affinity - shift)).mean()  # L_corr of eq (15)
 
 
 def correspondence_terms(feats, codes, feats_aug, codes_aug, shifts, weights, generator=None,
@@ -355,7 +325,8 @@ def correspondence_terms(feats, codes, feats_aug, codes_aug, shifts, weights, ge
 
     feats (B, C, h, w), codes (B, D, h, w): frozen features and head codes of the images I.
     feats_aug, codes_aug: the same for the colour/luminosity-jittered images Ĩ (None: term (b) is 0).
-    shifts, weights: dicts with keys "pos_intra", "pos_inter", "neg_inter" (STEGO_SHIFTS / _WEIGHTS).
+    shifts, weights: dicts with keys "pos_intra", "pos_inter", "neg_inter"
+        (`loss_constants(...)["stego_shifts"]` and `["stego_weights"]`).
     generator: torch.Generator for the sampling points and negatives (None: torch's default).
     n_points: n x n random points per image (STEGO: 11). n_negatives: permutations (STEGO: 5).
 
@@ -368,14 +339,16 @@ def correspondence_terms(feats, codes, feats_aug, codes_aug, shifts, weights, ge
                                                                     shift/weight "neg_inter"
           (B == 1: no other image, the term is 0)
       "corr" = w_intra * (a) + w_inter * (b) + w_neg * (c)
-    Each pairing is exactly correspondence_loss(...) on its own (own centring mean, as STEGO's
-    separate calls); all pairings are evaluated in one batched call for speed.
+    Each pairing is one correspondence_loss call (its own centring mean, as STEGO's separate calls).
     Random draws, in this order: random_coords (coords1), random_coords (coords2), then
     derangements(n_negatives, B) -- nothing forces a device sync.
     Returns a dict of scalars {"corr_intra", "corr_aug", "corr_neg", "corr"}.
+    needs: random_coords, sample_points, derangements, correspondence_loss
     """
-    _check_4d("feats", feats)
-    _check_4d("codes", codes)
+    for name, t in (("feats", feats), ("codes", codes)):
+        if not torch.is_tensor(t) or t.dim() != 4:
+            raise ValueError(f"correspondence_terms: {name} must be a 4-D tensor (B, C, h, w), got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
     for key in ("pos_intra", "pos_inter", "neg_inter"):
         if key not in shifts or key not in weights:
             raise ValueError(f"correspondence_terms: shifts and weights need the key '{key}', "
@@ -392,28 +365,22 @@ def correspondence_terms(feats, codes, feats_aug, codes_aug, shifts, weights, ge
 
     feats1 = sample_points(feats, coords1)  # (B, C, n, n)
     codes1 = sample_points(codes, coords1)  # (B, D, n, n)
-    feats2 = sample_points(feats, coords2)  # (B, C, n, n)
-    codes2 = sample_points(codes, coords2)  # (B, D, n, n)
+    zero = codes1.sum() * 0.0  # a 0 that keeps the graph and dtype of the codes
 
-    # partners of I at coords1, one chunk of B images per pairing
-    partner_feats, partner_codes, pair_shifts = [feats1], [codes1], [shifts["pos_intra"]]  # (a), as STEGO
-    if feats_aug is not None:  # (b) the photometric copy Ĩ (pixel-aligned, other random points)
-        partner_feats.append(sample_points(feats_aug, coords2))  # (B, C, n, n)
-        partner_codes.append(sample_points(codes_aug, coords2))  # (B, D, n, n)
-        pair_shifts.append(shifts["pos_inter"])
-    if use_negatives:  # (c) other images of the batch
-        partner_feats.append(feats2[perms.flatten()])  # (n_neg*B, C, n, n)
-        partner_codes.append(codes2[perms.flatten()])  # (n_neg*B, D, n, n)
-        pair_shifts.extend([shifts["neg_inter"]] * int(n_negatives))
-    groups = len(pair_shifts)
-    per_pair = _correspondence_per_group(
-        feats1.repeat(groups, 1, 1, 1), torch.cat(partner_feats),
-        codes1.repeat(groups, 1, 1, 1), torch.cat(partner_codes), pair_shifts)  # (G,)
-
-    zero = codes1.sum() * 0.0
-    intra = per_pair[0]
-    aug = per_pair[1] if feats_aug is not None else zero
-    neg = per_pair[groups - int(n_negatives):].mean() if use_negatives else zero
+    # (a) the points with themselves, as STEGO
+    intra = correspondence_loss(feats1, feats1, codes1, codes1, shifts["pos_intra"])
+    # (b) the photometric copy Ĩ (pixel-aligned, at the other random points)
+    aug = zero
+    if feats_aug is not None:
+        aug = correspondence_loss(feats1, sample_points(feats_aug, coords2),
+                                  codes1, sample_points(codes_aug, coords2), shifts["pos_inter"])
+    # (c) other images of the batch, at the other random points
+    neg = zero
+    if use_negatives:
+        feats2 = sample_points(feats, coords2)  # (B, C, n, n)
+        codes2 = sample_points(codes, coords2)  # (B, D, n, n)
+        neg = torch.stack([correspondence_loss(feats1, feats2[perm], codes1, codes2[perm],
+                                               shifts["neg_inter"]) for perm in perms]).mean()
     total = (weights["pos_intra"] * intra + weights["pos_inter"] * aug
              + weights["neg_inter"] * neg)  # L_corr of eq (15)
     return {"corr_intra": intra, "corr_aug": aug, "corr_neg": neg, "corr": total}
@@ -459,9 +426,10 @@ def feature_similarity_losses(codes, fused, image_small, tau=0.1, sigma_xy=3.0, 
     Memory: a few (B, N, N) matrices (B=32, 28x28 grid: about 80 MB each in float32).
     Returns (L_fs, L_reg), two scalars; gradient flows into `fused` only.
     """
-    _check_4d("codes", codes)
-    _check_4d("fused", fused)
-    _check_4d("image_small", image_small)
+    for name, t in (("codes", codes), ("fused", fused), ("image_small", image_small)):
+        if not torch.is_tensor(t) or t.dim() != 4:
+            raise ValueError(f"feature_similarity_losses: {name} must be a 4-D tensor (B, C, h, w), "
+                             f"got {tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
     batch, n_clusters, height, width = fused.shape
     if codes.shape[0] != batch or codes.shape[2:] != fused.shape[2:]:
         raise ValueError(f"feature_similarity_losses: codes {tuple(codes.shape)} and fused "
@@ -473,55 +441,52 @@ def feature_similarity_losses(codes, fused, image_small, tau=0.1, sigma_xy=3.0, 
     if not (tau > 0 and sigma_xy > 0 and sigma_rgb > 0):
         raise ValueError(f"feature_similarity_losses: tau, sigma_xy, sigma_rgb must be > 0, "
                          f"got {tau}, {sigma_xy}, {sigma_rgb}")
-    dtype = _compute_dtype(fused)
+    dtype = torch.promote_types(fused.dtype, torch.float32)
     device = fused.device
 
-    probs = torch.softmax(fused.to(dtype) / tau, dim=1)  # (B, K, h, w)
-    q = probs.flatten(2).transpose(1, 2)  # Q (B, N, K)
+    with torch.autocast(device_type=device.type, enabled=False):
+        probs = torch.softmax(fused.to(dtype) / tau, dim=1)  # (B, K, h, w)
+        q = probs.flatten(2).transpose(1, 2)  # Q (B, N, K)
 
-    with torch.no_grad():
-        # feature-similarity matrix from the codes
-        weights_feat = _cosine(codes, codes).to(dtype).clamp(min=0)  # (B, N, N)
+        with torch.no_grad():
+            # feature-similarity matrix from the codes
+            unit = F.normalize(codes.to(dtype).flatten(2), dim=1)  # (B, D, N), unit columns
+            weights_feat = torch.bmm(unit.transpose(1, 2), unit).clamp(min=0)  # (B, N, N)
 
-        # pixel-similarity matrix: grid positions and colours
-        rows = torch.arange(height, device=device, dtype=dtype).repeat_interleave(width)  # (N,)
-        cols = torch.arange(width, device=device, dtype=dtype).repeat(height)  # (N,)
-        distance_xy = ((rows[:, None] - rows[None, :]) ** 2
-                       + (cols[:, None] - cols[None, :]) ** 2)  # (N, N)
-        colours = image_small.to(dtype).flatten(2)  # (B, 3, N)
-        distance_rgb = torch.zeros_like(weights_feat)  # (B, N, N)
-        for channel in range(3):
-            values = colours[:, channel]  # (B, N)
-            distance_rgb += (values[:, :, None] - values[:, None, :]) ** 2
-        weights_pix = torch.exp(-distance_xy / (2 * sigma_xy ** 2)
-                                - distance_rgb / (2 * sigma_rgb ** 2))  # (B, N, N)
+            # pixel-similarity matrix: grid positions and colours
+            rows = torch.arange(height, device=device, dtype=dtype).repeat_interleave(width)  # (N,)
+            cols = torch.arange(width, device=device, dtype=dtype).repeat(height)  # (N,)
+            distance_xy = ((rows[:, None] - rows[None, :]) ** 2
+                           + (cols[:, None] - cols[None, :]) ** 2)  # (N, N)
+            colours = image_small.to(dtype).flatten(2)  # (B, 3, N)
+            distance_rgb = torch.zeros_like(weights_feat)  # (B, N, N)
+            for channel in range(3):
+                values = colours[:, channel]  # (B, N)
+                distance_rgb += (values[:, :, None] - values[:, None, :]) ** 2
+            weights_pix = torch.exp(-distance_xy / (2 * sigma_xy ** 2)
+                                    - distance_rgb / (2 * sigma_rgb ** 2))  # (B, N, N)
 
-        weights = weights_feat * weights_pix  # W (B, N, N)
-        weights.diagonal(dim1=1, dim2=2).zero_()
-        degree = weights.sum(dim=2)  # d (B, N)
-        total_weight = degree.sum(dim=1).clamp(min=torch.finfo(dtype).tiny)  # (B,)
+            weights = weights_feat * weights_pix  # W (B, N, N)
+            weights.diagonal(dim1=1, dim2=2).zero_()
+            degree = weights.sum(dim=2)  # d (B, N)
+            total_weight = degree.sum(dim=1).clamp(min=torch.finfo(dtype).tiny)  # (B,)
 
-    # sum_ij W_ij |q_i - q_j|^2 = 2 sum_i d_i |q_i|^2 - 2 tr(Q^T W Q)   (W symmetric)
-    degree_term = (degree * q.pow(2).sum(dim=2)).sum(dim=1)  # (B,)
-    with _no_autocast(q):
+        # sum_ij W_ij |q_i - q_j|^2 = 2 sum_i d_i |q_i|^2 - 2 tr(Q^T W Q)   (W symmetric)
+        degree_term = (degree * q.pow(2).sum(dim=2)).sum(dim=1)  # (B,)
         trace_term = (q * torch.bmm(weights, q)).sum(dim=(1, 2))  # tr(Q^T W Q) (B,)
-    loss_fs = ((degree_term - trace_term) / total_weight).mean()  # eq (14), L_fs
+        loss_fs = ((degree_term - trace_term) / total_weight).mean()  # eq (14), L_fs
 
-    if n_clusters == 1:
-        loss_reg = q.sum() * 0.0  # a single cluster cannot collapse: defined as 0
-    else:
-        mean_q = q.mean(dim=(0, 1))  # (K,) over the batch's pixels; |mean_q|^2 = mean_ij G_ij
-        loss_reg = (n_clusters * mean_q.pow(2).sum() - 1) / (n_clusters - 1)  # eq (14), L_reg
+        if n_clusters == 1:
+            loss_reg = q.sum() * 0.0  # a single cluster cannot collapse: defined as 0
+        else:
+            mean_q = q.mean(dim=(0, 1))  # (K,) over the batch's pixels; |mean_q|^2 = mean_ij G_ij
+            loss_reg = (n_clusters * mean_q.pow(2).sum() - 1) / (n_clusters - 1)  # eq (14), L_reg
     return loss_fs, loss_reg
 
 
 # ------------------------------------------------------------------------------------------------
 # Eq (15): the total loss
 # ------------------------------------------------------------------------------------------------
-
-# names of the terms in the dict given to total_loss
-TERM_NAMES = ("smo", "data", "fs", "reg", "corr")
-
 
 def total_loss(terms, beta=0.05, gamma=0.1, use_smo=True, use_fs=True, use_corr=True,
                use_reg=True, use_data=True):
@@ -530,14 +495,19 @@ def total_loss(terms, beta=0.05, gamma=0.1, use_smo=True, use_fs=True, use_corr=
     terms: dict of scalar tensors with the keys "smo", "data", "fs", "reg", "corr" (a switched-off
         term may be missing). "data" is SmooSeg's data term: SmooSeg's energy is data + smoothness,
         so it belongs with L_smo; eq (15) does not print it, use_data=False drops it.
+    beta, gamma: the weights of L_reg and L_fs (the paper: 0.05 and 0.1); must be finite.
     use_*: switch a term off (the ablation of the paper's Table 4: L_smo, L_fs, L_corr).
-    Every used term must be finite, else FloatingPointError with one line naming the term.
+    A non-finite beta / gamma, or a used term that is not finite, stops with a one-line
+    FloatingPointError naming it.
     Returns (total, values): total a scalar tensor with gradient, values a dict of python floats of
     every scalar in `terms` plus "total" (for logging; one device sync for all of them).
     """
+    for name, value in (("beta", beta), ("gamma", gamma)):
+        if not math.isfinite(float(value)):
+            raise FloatingPointError(f"total_loss: coefficient {name} is {value} (not finite)")
     switches = {"smo": use_smo, "data": use_data, "fs": use_fs, "reg": use_reg, "corr": use_corr}
     coefficients = {"smo": 1.0, "data": 1.0, "fs": gamma, "reg": beta, "corr": 1.0}
-    used = [name for name in TERM_NAMES if switches[name]]
+    used = [name for name in ("smo", "data", "fs", "reg", "corr") if switches[name]]
     if not used:
         raise ValueError("total_loss: every term is switched off; nothing to optimise")
     for name in used:

@@ -15,7 +15,8 @@ It returns the pasted function. A module constant in a default value fails at de
 constant, an unnamed helper or a missing import in the body fails at the call: the test then calls it
 on a small input and compares with the module's own function.
 
-A "needs:" line lists other functions, comma-separated, as `name` (same module) or `module.name`.
+A "needs:" line lists other functions, comma-separated, as `name` (same module) or `module.name`; a
+line that ends with a comma continues on the next.
 """
 import importlib
 import inspect
@@ -35,13 +36,17 @@ NEEDS = re.compile(r"^\s*needs:\s*(.+?)\s*$", re.MULTILINE)
 
 
 def needed(function):
-    """(module name, function name) pairs named on the function's "needs:" line."""
+    """(module name, function name) pairs named on the function's "needs:" line (a line that ends
+    with a comma continues on the next)."""
     doc = inspect.getdoc(function) or ""
     match = NEEDS.search(doc)
     if not match:
         return []
+    text, rest = match.group(1), doc[match.end():].splitlines()[1:]
+    while text.endswith(",") and rest:
+        text += " " + rest.pop(0).strip()
     pairs = []
-    for item in match.group(1).split(","):
+    for item in text.split(","):
         item = item.strip().rstrip(".")
         if not item:
             continue

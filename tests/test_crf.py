@@ -3,6 +3,7 @@
 References: a float64 Python-loop mean-field step, a line-by-line Python port of densecrf's
 permutohedral lattice, and the exact all-pairs CRF; plus the properties a CRF must have.
 """
+import inspect
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 import crf
+from pasting import paste_alone
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CAMVID = SHARED / "data" / "camvid"
@@ -205,13 +207,13 @@ def test_exact_crf_matches_loop_mean_field(iterations):
     assert torch.allclose(got.double(), expected, atol=2e-6)
 
 
-def test_exact_crf_chunked_equals_unchunked(monkeypatch):
+def test_exact_crf_chunked_equals_unchunked():
     image, label = synthetic_scene(12, 10)
     probs = noisy_probs(label, 4, torch.Generator().manual_seed(0))
     whole = crf.dense_crf_exact(image[None], probs[None], iterations=3)
-    monkeypatch.setattr(crf, "EXACT_CHUNK_ENTRIES", 7 * 120)     # 7 rows per chunk, not a divisor
-    monkeypatch.setattr(crf, "EXACT_CACHE_ENTRIES", 0)           # recompute at every call
-    chunked = crf.dense_crf_exact(image[None], probs[None], iterations=3)
+    # 7 rows per chunk (not a divisor of 120), recomputed at every call
+    chunked = crf.dense_crf_exact(image[None], probs[None], iterations=3, chunk_entries=7 * 120,
+                                  cache_entries=0)
     assert torch.allclose(whole, chunked, atol=1e-6)
 
 
@@ -279,6 +281,10 @@ def test_large_smoothness_sxy_uses_lattice_and_agrees():
     fast = crf.dense_crf(image[None], probs[None], **params)
     exact = crf.dense_crf_exact(image[None], probs[None], **params)
     assert (fast.argmax(1) == exact.argmax(1)).float().mean() >= 0.97
+    # the switch: below max_conv_sxy the convolution, above it the lattice (results differ a bit)
+    conv = crf.dense_crf(image[None], probs[None], **params, max_conv_sxy=8.0)
+    assert not torch.equal(conv, fast)
+    assert (conv.argmax(1) == exact.argmax(1)).float().mean() >= 0.97
 
 
 def test_batch_equals_one_image_at_a_time():
@@ -399,3 +405,54 @@ def test_bad_inputs_raise_one_line_value_errors():
             with pytest.raises(ValueError) as error:
                 call(crf_fn)
             assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every public function works pasted alone (tests/pasting.py) and gives exactly the module's result
+# ---------------------------------------------------------------------------------------------
+
+def paste_inputs():
+    """name -> a function that calls `fn` on a small input."""
+    image, label = synthetic_scene(9, 11, seed=2)
+    images = image[None]                                                          # (1, 3, 9, 11)
+    probs = noisy_probs(label, 3, torch.Generator().manual_seed(1))[None]         # (1, 3, 9, 11)
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(1, 9, 11, 2, generator=g)                                 # (B, H, W, C)
+    unary = torch.rand(1, 9, 11, 3, generator=g) * 3                              # (B, H, W, K)
+    feats5 = crf.pixel_features(images.float(), 5.0, 20.0)                        # (1, 9, 11, 5)
+    columns = torch.tensor([[2, -1, 0], [1, 3, -1]])
+    csr_values = torch.tensor([[0.5, 9.0, 0.25], [1.0, 2.0, 9.0]])
+    small = dict(sxy_bilateral=5.0, srgb=20.0)
+    return {
+        "check_crf_inputs": lambda fn: fn(images, probs.double(), 10, 1.0, 3.0, 67.0, 3.0, 4.0),
+        "unary_from_probs": lambda fn: fn(probs),
+        "pixel_features": lambda fn: (fn(images.float(), 2.0), fn(images.float(), 5.0, 20.0)),
+        "softmax_last": lambda fn: fn(unary),
+        "mean_field": lambda fn: fn(unary, [(3.0, crf.separable_gaussian_filter(1.0)),
+                                            (0.0, crf.separable_gaussian_filter(2.0))], 3),
+        "run_crf": lambda fn: fn(probs, [(3.0, crf.separable_gaussian_filter(1.0))], 2),
+        "exact_gaussian_filter": lambda fn: (fn(feats5)(values),
+                                             fn(feats5, chunk_entries=5 * 99, cache_entries=0)(values)),
+        "dense_crf_exact": lambda fn: fn(images, probs, 3, **small, chunk_entries=4 * 99),
+        "separable_gaussian_filter": lambda fn: fn(1.5)(values),
+        "sparse_csr": lambda fn: fn(torch.tensor([0, 1, 3]), torch.tensor([1, 0, 2]),
+                                    torch.tensor([1.0, 2.0, 3.0]), (2, 3)),
+        "csr_from_rows": lambda fn: fn(columns, csr_values, 4),
+        "permutohedral_lattice": lambda fn: fn(feats5),
+        "lattice_filter": lambda fn: fn(feats5)(values),
+        "dense_crf": lambda fn: (fn(images, probs, 3, **small), fn(images, probs, 2, sxy_gauss=6.0)),
+    }
+
+
+def test_every_public_function_has_a_paste_test():
+    public = sorted(name for name, value in inspect.getmembers(crf, inspect.isfunction)
+                    if value.__module__ == "crf" and not name.startswith("_"))
+    assert public == sorted(paste_inputs())
+
+
+@pytest.mark.parametrize("name", sorted(paste_inputs()))
+def test_public_function_pasted_alone_gives_the_same_result(name):
+    call = paste_inputs()[name]
+    pasted = paste_alone("crf", name)
+    # exactly equal (rtol = atol = 0): values, dtypes, shapes, nested dicts / tuples / lists
+    torch.testing.assert_close(call(pasted), call(getattr(crf, name)), rtol=0, atol=0)

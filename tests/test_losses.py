@@ -1,13 +1,14 @@
 """Tests of losses.py: every loss against a slow float64 loop reference, plus the behaviour its
 source states (signs and shifts, collapse, switches, NaN handling)."""
 
+import inspect
 import math
 
 import pytest
 import torch
 
-
 import losses
+from pasting import paste_alone
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,13 +323,58 @@ def test_correspondence_terms_single_image_and_missing_keys():
                                     constants["stego_weights"], torch.Generator())
 
 
-def test_loss_constants_lookup():
-    assert losses.loss_constants("cocostuff27")["smooseg_shifts"] == {"close": -0.02, "far": 0.48}
-    assert losses.loss_constants("cityscapes")["stego_shifts"]["neg_inter"] == 0.314
+# The peers' constants, transcribed from ../shared/docs/anchors.md (the quoted lines).
+# "Weights/shifts (ViT-S): cocostuff27 w_ni .63, w_pi .25, w_pa .67, shifts .66/.02/.08;
+#  potsdam same weights, shifts .46/.02/.08; cityscapes weights .906/.577/1.0, shifts .314/.175/.458."
+# (ni = neg_inter, pi = pos_inter, pa = pos_intra; the shifts in the same order)
+ANCHOR_STEGO_VIT = {  # (weights, shifts)
+    "cocostuff": (dict(neg_inter=.63, pos_inter=.25, pos_intra=.67),
+                  dict(neg_inter=.66, pos_inter=.02, pos_intra=.08)),
+    "potsdam": (dict(neg_inter=.63, pos_inter=.25, pos_intra=.67),
+                dict(neg_inter=.46, pos_inter=.02, pos_intra=.08)),
+    "cityscapes": (dict(neg_inter=.906, pos_inter=.577, pos_intra=1.0),
+                   dict(neg_inter=.314, pos_inter=.175, pos_intra=.458)),
+}
+# "STEGO's COCO-Stuff MoCo config: correspondence weights pos_intra .67, pos_inter .25,
+#  neg_inter .63; shifts pos_intra .32, pos_inter .36, neg_inter .26."
+ANCHOR_STEGO_MOCO = (dict(pos_intra=.67, pos_inter=.25, neg_inter=.63),
+                     dict(pos_intra=.32, pos_inter=.36, neg_inter=.26))
+# "Shifts: cityscapes b_far 0.5, b_close -0.02; cocostuff27 0.48 / -0.02; potsdam (ViT-B/8) 0.5 / 0.1."
+ANCHOR_SMOOSEG = {"cityscapes": dict(far=0.5, close=-0.02), "cocostuff": dict(far=0.48, close=-0.02),
+                  "potsdam": dict(far=0.5, close=0.1)}
+# "`P = softmax(inner_global / 0.1)`."
+ANCHOR_SMOOSEG_TEMPERATURE = 0.1
+
+# the table entry each data set name must get (a set no peer tuned on: the COCO-Stuff values)
+DATASET_ENTRY = {"cityscapes": "cityscapes", "cocostuff": "cocostuff", "cocostuff27": "cocostuff",
+                 "potsdam": "potsdam", "mastr1325": "cocostuff", "camvid": "cocostuff",
+                 "folder": "cocostuff", "synthetic": "cocostuff", "default": "cocostuff"}
+VIT_ARCHS = ["vits8", "vits16", "vitb8", "dinov2_vits14", "dinov2_vitb14_reg"]
+
+
+@pytest.mark.parametrize("arch", VIT_ARCHS + ["resnet50-mocov2"])
+@pytest.mark.parametrize("dataset", sorted(DATASET_ENTRY))
+def test_loss_constants_match_the_anchors_entry_by_entry(dataset, arch):
+    got = losses.loss_constants(dataset, arch)
+    entry = DATASET_ENTRY[dataset]
+    weights, shifts = ANCHOR_STEGO_MOCO if arch == "resnet50-mocov2" else ANCHOR_STEGO_VIT[entry]
+    # dict equality compares key by key: a swapped pair (pos_intra/neg_inter, close/far) fails
+    assert got == {"stego_weights": weights, "stego_shifts": shifts,
+                   # SmooSeg's shifts: per data set for every backbone (no ResNet-50 values known)
+                   "smooseg_shifts": ANCHOR_SMOOSEG[entry],
+                   "smooseg_temperature": ANCHOR_SMOOSEG_TEMPERATURE}
+
+
+def test_loss_constants_default_arch_case_copies_and_unknown_arch():
+    assert losses.loss_constants("cityscapes") == losses.loss_constants("cityscapes", "vits8")
+    assert losses.loss_constants("CocoStuff27") == losses.loss_constants("cocostuff")
+    assert losses.loss_constants("coco-stuff") == losses.loss_constants("cocostuff")  # "coco..."
+    first = losses.loss_constants("potsdam")
+    first["stego_shifts"]["neg_inter"] = 99.0  # the caller's copy: the next call is untouched
     assert losses.loss_constants("potsdam")["stego_shifts"]["neg_inter"] == 0.46
-    assert losses.loss_constants("mastr1325") == losses.loss_constants("default")
-    for table in (losses.STEGO_WEIGHTS, losses.STEGO_SHIFTS, losses.SMOOSEG_SHIFTS):
-        assert set(table) == {"cocostuff", "cityscapes", "potsdam", "default"}
+    with pytest.raises(ValueError, match="unknown arch 'resnet50'") as error:
+        losses.loss_constants("cocostuff", "resnet50")
+    assert "\n" not in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,11 +497,22 @@ def test_total_loss_raises_naming_the_non_finite_term(bad):
     assert math.isfinite(total.item())
 
 
+@pytest.mark.parametrize("coefficient", ["beta", "gamma"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_total_loss_raises_naming_a_non_finite_coefficient(coefficient, bad):
+    # finite terms with a NaN weight would give a NaN total that nothing notices
+    with pytest.raises(FloatingPointError, match=f"coefficient {coefficient} is") as error:
+        losses.total_loss(make_terms(), **{coefficient: bad})
+    assert "\n" not in str(error.value)
+    losses.total_loss(make_terms(), **{coefficient: 0.0})  # a zero weight is fine
+
+
 def test_autocast_does_not_lower_precision():
     feats, codes = torch.randn(2, 16, 4, 4), torch.randn(2, 8, 4, 4)
     fused, image = torch.randn(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
     probs = torch.softmax(fused / 0.1, dim=1)
-    shifts, weights = losses.STEGO_SHIFTS["default"], losses.STEGO_WEIGHTS["default"]
+    constants = losses.loss_constants("default")
+    shifts, weights = constants["stego_shifts"], constants["stego_weights"]
 
     def run():
         return [losses.smoothness_loss(feats, probs, -0.02, 0.5, perm=torch.tensor([1, 0])),
@@ -487,7 +544,8 @@ def test_cuda_matches_cpu():
     a = losses.smoothness_loss(feats, probs, -0.02, 0.5, perm=perm)
     b = losses.smoothness_loss(feats.cuda(), probs.cuda(), -0.02, 0.5, perm=perm.cuda())
     assert abs(a.item() - b.item()) < 1e-4
-    shifts, weights = losses.STEGO_SHIFTS["default"], losses.STEGO_WEIGHTS["default"]
+    constants = losses.loss_constants("default")
+    shifts, weights = constants["stego_shifts"], constants["stego_weights"]
     a = losses.correspondence_terms(feats, codes, feats, codes, shifts, weights,
                                     torch.Generator().manual_seed(0))["corr"]
     b = losses.correspondence_terms(feats.cuda(), codes.cuda(), feats.cuda(), codes.cuda(), shifts,
@@ -508,3 +566,55 @@ def test_reg_balances_clusters_over_the_batch_not_per_image():
     fused[1] = fused[0]
     _, collapsed = losses.feature_similarity_losses(codes, fused, image)
     assert balanced.item() < 1e-6 and collapsed.item() > 1 - 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# every public function works pasted alone (tests/pasting.py) and gives exactly the module's result
+# ------------------------------------------------------------------------------------------------
+
+def paste_inputs():
+    """name -> a function that calls `fn` on a small input (fresh generators: repeatable draws)."""
+    feats, codes = rand(3, 5, 4, 4, seed=40), rand(3, 4, 4, 4, seed=41)
+    feats_aug, codes_aug = rand(3, 5, 4, 4, seed=42), rand(3, 4, 4, 4, seed=43)
+    probs = torch.softmax(rand(3, 3, 4, 4, seed=44) / 0.1, dim=1)
+    image = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(45), dtype=torch.float64)
+    coords = rand(3, 2, 3, 2, seed=46).clamp(-1.2, 1.2)
+    constants = losses.loss_constants("cityscapes")
+    shifts, weights = constants["stego_shifts"], constants["stego_weights"]
+
+    def gen():
+        return torch.Generator().manual_seed(7)
+
+    return {
+        "loss_constants": lambda fn: [fn(d, a) for d in ("potsdam", "camvid")
+                                      for a in ("vits8", "resnet50-mocov2")],
+        "derangements": lambda fn: fn(4, 5, gen()),
+        "derangement": lambda fn: fn(5, gen(), "cpu"),
+        "feature_affinity": lambda fn: fn(feats, feats_aug),
+        "smoothness_loss": lambda fn: (fn(feats, probs, -0.02, 0.5, generator=gen()),
+                                       fn(feats, probs, -0.02, 0.5, perm=torch.tensor([2, 0, 1])),
+                                       fn(feats[:1], probs[:1], 0.1, 0.5)),
+        "data_loss": lambda fn: fn(rand(3, 3, 4, 4, seed=47), probs, 0.5),
+        "random_coords": lambda fn: fn(3, 4, gen(), "cpu"),
+        "sample_points": lambda fn: fn(codes, coords),
+        "correspondence_loss": lambda fn: fn(feats, feats_aug, codes, codes_aug, 0.2),
+        "correspondence_terms": lambda fn: (
+            fn(feats, codes, feats_aug, codes_aug, shifts, weights, gen(), n_points=3, n_negatives=2),
+            fn(feats[:1], codes[:1], None, None, shifts, weights, gen(), n_points=3)),
+        "feature_similarity_losses": lambda fn: fn(codes, probs, image, 0.5, 2.0, 0.3),
+        "total_loss": lambda fn: fn(make_terms(), beta=0.2, use_data=False),
+    }
+
+
+def test_every_public_function_has_a_paste_test():
+    public = sorted(name for name, value in inspect.getmembers(losses, inspect.isfunction)
+                    if value.__module__ == "losses" and not name.startswith("_"))
+    assert public == sorted(paste_inputs())
+
+
+@pytest.mark.parametrize("name", sorted(paste_inputs()))
+def test_public_function_pasted_alone_gives_the_same_result(name):
+    call = paste_inputs()[name]
+    pasted = paste_alone("losses", name)
+    # exactly equal (rtol = atol = 0): values, dtypes, shapes, nested dicts / tuples / lists
+    torch.testing.assert_close(call(pasted), call(getattr(losses, name)), rtol=0, atol=0)

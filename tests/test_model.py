@@ -1,169 +1,15 @@
-"""il2vseg.py: the ViT against a slow reference, weight loading, head, centres, EMA, fusion (eq 13)."""
-import math
+"""il2vseg.py: head, centres and EMA (eq 2), the fusion (eq 13), each against a slow reference; the CLI's help."""
 import subprocess
 import sys
-import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
 
 import il2vseg
+from pasting import paste_alone
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------- ViT vs. a slow reference
-
-def reference_vit(model, images):
-    """The ViT written out with loops over patches, tokens and heads, in float64."""
-    sd = {k: v.double() for k, v in model.state_dict().items()}
-    p, dim = model.patch, model.dim
-    heads = model.blocks[0].attn.heads
-    B, _, H, W = images.shape
-    h, w = H // p, W // p
-
-    def layer_norm(x, prefix):
-        mean = x.mean(-1, keepdim=True)
-        var = ((x - mean) ** 2).mean(-1, keepdim=True)
-        return (x - mean) / torch.sqrt(var + 1e-6) * sd[prefix + ".weight"] + sd[prefix + ".bias"]
-
-    def gelu(x):
-        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
-
-    out = torch.zeros(B, dim, h, w, dtype=torch.float64)
-    for b in range(B):
-        tokens = [sd["cls_token"][0, 0]]
-        for i in range(h):
-            for j in range(w):
-                patch = images[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p].double()
-                weight = sd["patch_embed.proj.weight"]  # (dim, 3, p, p)
-                tokens.append((weight * patch).sum(dim=(1, 2, 3)) + sd["patch_embed.proj.bias"])
-        x = torch.stack(tokens)  # (1 + h*w, dim)
-        x = x + model.position_embedding(h, w).double()[0]
-        for n in range(len(model.blocks)):
-            pre = f"blocks.{n}."
-            y = layer_norm(x, pre + "norm1")
-            qkv = y @ sd[pre + "attn.qkv.weight"].T + sd[pre + "attn.qkv.bias"]
-            q, k, v = qkv.split(dim, dim=-1)
-            d = dim // heads
-            heads_out = []
-            for head in range(heads):
-                qh, kh, vh = (t[:, head * d:(head + 1) * d] for t in (q, k, v))
-                rows = []
-                for t in range(x.shape[0]):
-                    scores = torch.stack([qh[t] @ kh[s] / math.sqrt(d) for s in range(x.shape[0])])
-                    weights = torch.exp(scores - scores.max())
-                    weights = weights / weights.sum()
-                    rows.append((weights[:, None] * vh).sum(0))
-                heads_out.append(torch.stack(rows))
-            attn = torch.cat(heads_out, dim=-1) @ sd[pre + "attn.proj.weight"].T + sd[pre + "attn.proj.bias"]
-            x = x + attn
-            y = layer_norm(x, pre + "norm2")
-            y = gelu(y @ sd[pre + "mlp.fc1.weight"].T + sd[pre + "mlp.fc1.bias"])
-            x = x + y @ sd[pre + "mlp.fc2.weight"].T + sd[pre + "mlp.fc2.bias"]
-        x = layer_norm(x, "norm")[1:]  # drop CLS
-        out[b] = x.T.reshape(dim, h, w)
-    return out
-
-
-@pytest.mark.parametrize("size", [(16, 16), (12, 20)])  # the pretraining grid and an interpolated one
-def test_vit_matches_slow_reference(size):
-    torch.manual_seed(0)
-    model = il2vseg.VisionTransformer(patch=4, dim=8, depth=2, heads=2, pretrain_size=16).double().eval()
-    images = torch.randn(2, 3, *size, dtype=torch.float64)
-    with torch.no_grad():
-        fast = model(images)
-    assert fast.shape == (2, 8, size[0] // 4, size[1] // 4)
-    torch.testing.assert_close(fast, reference_vit(model, images), rtol=1e-9, atol=1e-9)
-
-
-def test_vit_rejects_size_not_divisible_by_patch():
-    model = il2vseg.VisionTransformer(patch=4, dim=8, depth=1, heads=2, pretrain_size=16)
-    with pytest.raises(ValueError, match="not divisible by the patch size 4"):
-        model(torch.zeros(1, 3, 15, 16))
-
-
-def test_position_embedding_interpolation_keeps_the_pretraining_grid():
-    model = il2vseg.VisionTransformer(patch=4, dim=8, depth=1, heads=2, pretrain_size=16)
-    assert model.position_embedding(4, 4) is model.pos_embed
-    stretched = model.position_embedding(6, 3)
-    assert stretched.shape == (1, 1 + 18, 8)
-    torch.testing.assert_close(stretched[:, :1], model.pos_embed[:, :1])  # CLS position untouched
-
-
-# ---------------------------------------------------------------- official weights
-
-@pytest.fixture(scope="module")
-def official_layout_file(tmp_path_factory):
-    """A randomly initialised ViT-S/8 state dict in the official DINO layout, saved like the release."""
-    torch.manual_seed(0)
-    state = il2vseg.build_vit("vits8").state_dict()
-    path = tmp_path_factory.mktemp("weights") / "dino_deitsmall8_pretrain.pth"
-    torch.save(state, path)
-    return path, state
-
-
-def test_official_layout_shapes(official_layout_file):
-    _, state = official_layout_file
-    assert state["pos_embed"].shape == (1, 785, 384)
-    assert state["patch_embed.proj.weight"].shape == (384, 3, 8, 8)
-    assert len({k.split(".")[1] for k in state if k.startswith("blocks.")}) == 12
-    assert abs(sum(v.numel() for v in state.values()) - 21.7e6) < 0.1e6
-
-
-def test_weights_from_a_path_load_strictly_and_freeze(official_layout_file):
-    path, state = official_layout_file
-    model = il2vseg.load_dino("vits8", str(path))
-    assert not model.training
-    assert all(not p.requires_grad for p in model.parameters())
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key]), key
-
-
-def test_weights_from_the_torch_hub_cache_work_offline(official_layout_file, tmp_path, monkeypatch):
-    path, state = official_layout_file
-    cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    (cache / path.name).symlink_to(path)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    model = il2vseg.load_dino("vits8", None)  # the real torch.hub path, served from the cache
-    assert torch.equal(model.state_dict()["pos_embed"], state["pos_embed"])
-
-
-def test_training_checkpoint_wrappers_are_unwrapped(official_layout_file, tmp_path):
-    _, state = official_layout_file
-    wrapped = {"teacher": {"backbone." + k: v for k, v in state.items()}, "epoch": 3}
-    wrapped["teacher"]["head.last_layer.weight"] = torch.zeros(2, 2)
-    torch.save(wrapped, tmp_path / "full.pth")
-    model = il2vseg.load_dino("vits8", str(tmp_path / "full.pth"))
-    assert torch.equal(model.state_dict()["norm.weight"], state["norm.weight"])
-
-
-def test_wrong_layout_fails_with_a_clear_message(tmp_path):
-    torch.save(il2vseg.build_vit("vits16").state_dict(), tmp_path / "vits16.pth")
-    with pytest.raises(il2vseg.WeightsError, match=r"vits16.pth does not fit this ViT: .*wrong shapes.*--arch"):
-        il2vseg.load_dino("vits8", str(tmp_path / "vits16.pth"))
-    state = il2vseg.build_vit("vits8").state_dict()
-    del state["norm.bias"]
-    torch.save(state, tmp_path / "partial.pth")
-    with pytest.raises(il2vseg.WeightsError, match="1 missing keys"):
-        il2vseg.load_dino("vits8", str(tmp_path / "partial.pth"))
-    (tmp_path / "garbage.pth").write_bytes(b"not a torch file")
-    with pytest.raises(il2vseg.WeightsError, match="cannot be read as a torch file"):
-        il2vseg.load_dino("vits8", str(tmp_path / "garbage.pth"))
-
-
-def test_no_weights_and_no_internet_says_where_to_put_the_file(monkeypatch, tmp_path):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(il2vseg.WeightsError) as info:
-        il2vseg.load_dino("vits8", None)
-    message = str(info.value)
-    assert "\n" not in message
-    assert str(tmp_path / "hub" / "checkpoints") in message and "--weights PATH" in message
 
 
 def test_cli_missing_weight_file_is_one_clear_line(tmp_path):
@@ -240,7 +86,25 @@ def test_align_clusters_recovers_a_known_permutation():
     seg = torch.softmax(torch.randn(3, 5, 6, 7) * 4, dim=1)
     perms = [torch.randperm(5) for _ in range(3)]
     shuffled = torch.stack([seg[b, perms[b]] for b in range(3)])
-    torch.testing.assert_close(il2vseg.align_clusters(shuffled, seg), seg)
+    torch.testing.assert_close(il2vseg.align_clusters(shuffled, seg.log()), seg)
+
+
+def test_align_clusters_matches_brute_force_over_all_permutations():
+    """Reference: overlap O[k, j] = sum_pixels softmax(scores / 0.1)[k] F_l[j] by loops, then the
+    permutation of the K = 4 FCM clusters with the largest total overlap among all 24."""
+    import itertools
+    torch.manual_seed(3)
+    scores = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    low = torch.softmax(torch.randn(2, 4, 3, 5, dtype=torch.float64) * 2, dim=1)
+    aligned = il2vseg.align_clusters(low, scores)
+    for b in range(2):
+        probs = torch.softmax(scores[b] / 0.1, dim=0)
+        overlap = [[sum(float(probs[k, i, j] * low[b, c, i, j]) for i in range(3) for j in range(5))
+                    for c in range(4)] for k in range(4)]
+        best = max(itertools.permutations(range(4)), key=lambda p: sum(overlap[k][p[k]] for k in range(4)))
+        torch.testing.assert_close(aligned[b], low[b, list(best)])
+    with pytest.raises(FloatingPointError, match="not finite"):
+        il2vseg.align_clusters(low, scores * float("nan"))
 
 
 def test_fused_result_does_not_depend_on_fcm_cluster_order():
@@ -258,7 +122,7 @@ def test_fuse_eq13_endpoints_and_weights():
     f_seg = torch.randn(1, 3, 4, 4).tanh()
     f_low = torch.softmax(torch.randn(1, 3, 4, 4), dim=1)
     torch.testing.assert_close(il2vseg.fuse(f_seg, f_low, alpha=0.0), f_seg)
-    aligned = il2vseg.align_clusters(f_low, torch.softmax(f_seg / 0.1, dim=1))
+    aligned = il2vseg.align_clusters(f_low, f_seg)
     torch.testing.assert_close(il2vseg.fuse(f_seg, f_low, alpha=1.0), aligned)
     torch.testing.assert_close(il2vseg.fuse(f_seg, f_low, alpha=0.25), 0.75 * f_seg + 0.25 * aligned)
     with pytest.raises(ValueError, match="same shape"):
@@ -270,3 +134,35 @@ def test_fuse_passes_gradient_to_the_head_branch_only():
     f_low = torch.softmax(torch.randn(1, 3, 4, 4), dim=1)
     il2vseg.fuse(f_seg, f_low, alpha=0.5).sum().backward()
     torch.testing.assert_close(f_seg.grad, torch.full_like(f_seg, 0.5))
+
+
+def test_build_model_depends_on_the_seed_alone_and_leaves_the_global_rng_alone():
+    class Backbone:
+        dim = 12
+    cfg = il2vseg.parse_args(["--dim", "6", "--seed", "3"])
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = il2vseg.build_model(cfg, Backbone, 4, "cpu")
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(5)  # the global stream moves on: the model does not change
+    second = il2vseg.build_model(cfg, Backbone, 4, "cpu")
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    assert first.head.linear.in_channels == 12 and first.local_centres.shape == (4, 6)
+    cfg.seed = 4
+    assert not torch.equal(il2vseg.build_model(cfg, Backbone, 4, "cpu").local_centres, first.local_centres)
+
+
+def test_functions_copy_alone():
+    torch.manual_seed(0)
+    codes, centres = torch.randn(2, 5, 3, 4), torch.randn(6, 5)
+    assert torch.equal(paste_alone("il2vseg", "cosine_to_centres")(codes, centres),
+                       il2vseg.cosine_to_centres(codes, centres))
+    g1, g2, local = torch.randn(4, 3), None, torch.randn(4, 3)
+    g2 = g1.clone()
+    paste_alone("il2vseg", "ema_update")(g1, local, 0.9)
+    il2vseg.ema_update(g2, local, 0.9)
+    assert torch.equal(g1, g2)
+    f_seg, f_low = torch.randn(2, 6, 3, 4).tanh(), torch.softmax(torch.randn(2, 6, 3, 4), dim=1)
+    assert torch.equal(paste_alone("il2vseg", "align_clusters")(f_low, f_seg), il2vseg.align_clusters(f_low, f_seg))
+    assert torch.equal(paste_alone("il2vseg", "fuse")(f_seg, f_low, 0.3), il2vseg.fuse(f_seg, f_low, 0.3))

@@ -1,0 +1,156 @@
+"""Writing results: the per-class table, metrics.json, side-by-side pictures, colour masks and overlays.
+
+Nothing of the paper is here: evaluate.py scores, this file shows the scores and the predictions.
+Colours: class (or cluster) i is entry i of a fixed PASCAL-VOC-style palette; black is reserved for
+void pixels and unmatched clusters.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def palette(n):
+    """Fixed colour palette uint8 (n, 3): colour of class i = entry i + 1 of the PASCAL VOC colour map
+    (bit-interleaved, deterministic, all distinct, none black). n <= 255."""
+    if not 0 <= n <= 255:
+        raise ValueError(f"palette: supports 0..255 colours, got {n}")
+    colours = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        code, r, g, b = i + 1, 0, 0, 0
+        for bit in range(8):
+            r |= ((code >> 0) & 1) << (7 - bit)
+            g |= ((code >> 1) & 1) << (7 - bit)
+            b |= ((code >> 2) & 1) << (7 - bit)
+            code >>= 3
+        colours[i] = (r, g, b)
+    return colours
+
+
+def colourise(label_map):
+    """label_map (H, W) ints (tensor or array) -> uint8 (H, W, 3) in `palette` colours; negative ids (void,
+    unmatched clusters) and ids >= 255 are black."""
+    label_map = np.asarray(label_map.cpu() if isinstance(label_map, torch.Tensor) else label_map).astype(np.int64)
+    colours = np.concatenate([np.zeros((1, 3), np.uint8), palette(255)])  # (256, 3), row 0 = black
+    return colours[np.where((label_map >= 0) & (label_map < 255), label_map + 1, 0)]  # (H, W, 3)
+
+
+def image_to_uint8(image):
+    """(3, H, W) float in [0, 1] -> uint8 (H, W, 3)."""
+    return (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def safe_stem(name):
+    """A file-name stem from an item name (path separators replaced)."""
+    return Path(str(name).replace("/", "_").replace("\\", "_")).stem
+
+
+def save_side_by_side(path, image, label, preds, gap=4):
+    """PNG of image | ground truth | each prediction in `preds` (class ids (H, W), -1 black), white gaps."""
+    panels = [image_to_uint8(image), colourise(label)] + [colourise(p) for p in preds]
+    spacer = np.full((panels[0].shape[0], gap, 3), 255, dtype=np.uint8)
+    row = [panels[0]]
+    for panel in panels[1:]:
+        row += [spacer, panel]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(row, axis=1)).save(path)
+
+
+def save_mask_and_overlay(out_dir, name, image, pred, opacity=0.5):
+    """OUT_DIR/NAME_mask.png (colours of pred (H, W)) and OUT_DIR/NAME_overlay.png (image blended with the
+    mask; -1 pixels show the plain image). image (3, H, W) in [0, 1]. Returns the two paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = safe_stem(name)
+    mask = colourise(pred)  # (H, W, 3)
+    picture = image_to_uint8(image).astype(np.float32)  # (H, W, 3)
+    labelled = (np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred) >= 0)[..., None]
+    blended = np.where(labelled, (1 - opacity) * picture + opacity * mask, picture)
+    mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+    Image.fromarray(mask).save(mask_path)
+    Image.fromarray(blended.round().astype(np.uint8)).save(overlay_path)
+    return mask_path, overlay_path
+
+
+def percent(value):
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def format_table(result, class_names=None):
+    """Per-class IoU, Acc and mIoU in percent, one column per probe before and after the CRF (a '-'
+    column when the CRF was off). result: evaluate.evaluate's dict (its "probes")."""
+    probes = result["probes"]
+    columns = []  # (header, scores or None)
+    for name, entry in probes.items():
+        columns += [(name, entry["before_crf"]), (f"{name}+CRF", entry["after_crf"])]
+    n_classes = len(next(iter(probes.values()))["before_crf"]["iou"])
+    class_names = list(class_names) if class_names is not None else [f"class {i}" for i in range(n_classes)]
+    width = max([len(name) for name in class_names] + [5])
+    widths = [max(len(header), 6) for header, _ in columns]
+    header = f"{'class':<{width}}" + "".join(f"  {h:>{w}}" for (h, _), w in zip(columns, widths))
+    lines = [header, "-" * len(header)]
+    rows = [(class_names[c], [None if s is None else s["iou"][c] for _, s in columns]) for c in range(n_classes)]
+    rows += [("Acc", [None if s is None else s["acc"] for _, s in columns]),
+             ("mIoU", [None if s is None else s["miou"] for _, s in columns])]
+    for index, (name, values) in enumerate(rows):
+        if index == n_classes:
+            lines.append("-" * len(header))
+        lines.append(f"{name:<{width}}" + "".join(f"  {percent(v):>{w}}" for v, w in zip(values, widths)))
+    return "\n".join(lines)
+
+
+def format_spread(summary, n_seeds):
+    """One line: mean +- std of Acc and mIoU over k-means seeds, before and after the CRF."""
+    parts = []
+    for stage, label in (("before_crf", ""), ("after_crf", " +CRF")):
+        if summary.get(stage):
+            for key in ("acc", "miou"):
+                mean, std = summary[stage][key]
+                parts.append(f"{'Acc' if key == 'acc' else 'mIoU'}{label} {100 * mean:.1f} +- {100 * std:.1f}")
+    return f"k-means over {n_seeds} seeds: " + ", ".join(parts)
+
+
+def json_ready(value):
+    """nan -> None (valid JSON), numpy / tuples -> plain lists, tensors dropped to lists, recursively."""
+    if isinstance(value, dict):
+        return {str(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return json_ready(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_metrics(out_dir, result, settings):
+    """OUT_DIR/metrics.json: every probe's scores and raw confusion matrices plus the settings."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {key: value for key, value in result.items() if key != "kept"}
+    metrics["settings"] = settings
+    with open(out_dir / "metrics.json", "w") as file:
+        json.dump(json_ready(metrics), file, indent=2)
+    return out_dir / "metrics.json"
+
+
+def save_pictures(out_dir, result):
+    """OUT_DIR/side_by_side/NAME.png for every kept image: image | ground truth | each probe before and
+    after the CRF, the predictions coloured through each probe's split-wide matching."""
+    paths = []
+    for name, image, label, outputs in result["kept"]:
+        preds = []
+        for probe, (pred, pred_crf) in outputs.items():
+            entry = result["probes"][probe]
+            preds.append(torch.tensor(entry["before_crf"]["matching"])[pred])
+            if pred_crf is not None:
+                preds.append(torch.tensor(entry["after_crf"]["matching"])[pred_crf])
+        path = Path(out_dir) / "side_by_side" / f"{safe_stem(name)}.png"
+        save_side_by_side(path, image, label, preds)
+        paths.append(path)
+    return paths

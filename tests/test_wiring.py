@@ -1,0 +1,351 @@
+"""The wiring: which tensor reaches which call, with which constant.
+
+Every equation function is tested against its own reference elsewhere. Here one training step of the
+real training loop (`il2vseg.train`, CPU, seeded, a tiny stand-in backbone) is recomputed independently
+from the public equation functions and the paper's / peers' numbers, written below as literals, and each
+term of eq (15), the total with beta and gamma, the gradient that reached the head and the centres
+(Adam's first moment in the checkpoint) and the EMA of the global centres are compared. Further tests
+spy on the calls of one step and of the evaluation and check what each one received.
+"""
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import backbones
+import checkpoints
+import data
+import evaluate
+import fcm
+import il2vseg
+import losses
+
+# The numbers as the paper and ../shared/docs/anchors.md give them (not read from the code).
+SMOOSEG_TEMPERATURE = 0.1          # "P = softmax(inner_global / 0.1)"
+CITYSCAPES_SMOOSEG = (-0.02, 0.5)  # "cityscapes b_far 0.5, b_close -0.02": (close, far)
+# "cityscapes weights .906/.577/1.0, shifts .314/.175/.458" in the order w_ni, w_pi, w_pa
+CITYSCAPES_STEGO_WEIGHTS = {"neg_inter": 0.906, "pos_inter": 0.577, "pos_intra": 1.0}
+CITYSCAPES_STEGO_SHIFTS = {"neg_inter": 0.314, "pos_inter": 0.175, "pos_intra": 0.458}
+K, B, CROP = 3, 4, 32
+
+
+class StandIn(nn.Module):
+    """A frozen stand-in backbone with the interface of backbones.py: .dim, .stride, normalised images
+    (B, 3, H, W) -> (B, dim, H/8, W/8)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.dim, self.stride = 16, 8
+        self.conv = nn.Conv2d(3, 16, 8, stride=8)
+
+    def forward(self, images):
+        return torch.tanh(self.conv(images))
+
+
+def settings(tmp_path, *extra):
+    """A run on the 'cityscapes' constants with beta, gamma, alpha, ema and learning rates that differ
+    from each other, so that a swap at a call site changes the numbers."""
+    cfg = il2vseg.parse_args(["--data", "cityscapes", "--weights", "random", "--out", str(tmp_path), "--crop", str(CROP),
+                              "--batch-size", str(B), "--steps", "1", "--save-every", "1", "--fcm-iters", "4",
+                              "--dim", "8", "--dropout", "0", "--beta", "0.3", "--gamma", "0.7", "--alpha", "0.6",
+                              "--ema", "0.9", "--lr-head", "0.01", "--lr-centres", "0.02", "--seed", "5", *extra])
+    return il2vseg.resolve_defaults(cfg, torch.device("cpu"))
+
+
+def batch_of_step_one(dataset, cfg):
+    """The images train() sees at its first step, drawn independently of the loader."""
+    (indices,) = il2vseg.batches_for_steps(len(dataset), cfg.batch_size, cfg.seed, 0, 1)
+    dataset.set_epoch(0)
+    return torch.stack([dataset[i]["image"] for _, i in indices])
+
+
+def aligned(f_low, f_seg):
+    """Eq (13)'s cluster correspondence (tested against brute force in test_model.py)."""
+    return il2vseg.align_clusters(f_low, f_seg)
+
+
+def expected_step(backbone, model, images, cfg):
+    """One step of eq (15) composed from the public functions and the literal numbers above; returns
+    (terms, total, gradients by parameter, local and global centres after Adam and the EMA)."""
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    f_low = fcm.low_level_cue(images, K, m=2.0, sigma=cfg.fcm_sigma, patch=8, affinity=cfg.affinity,
+                              radius=cfg.radius, max_iter=4)  # eqs (1), (3)-(12)
+    images_aug = data.photometric_augment(images, generator=generator)  # I~
+    assert not torch.equal(images_aug, images)
+    with torch.no_grad():
+        feats = backbone(backbones.normalize(images))  # F^p
+        feats_aug = backbone(backbones.normalize(images_aug))
+    codes, codes_aug = model.head(torch.cat([feats, feats_aug])).split(B)  # F^c
+    f_seg = il2vseg.cosine_to_centres(codes, model.global_centres)  # eq (2)
+    terms = {"data": losses.data_loss(il2vseg.cosine_to_centres(codes.detach(), model.local_centres), f_seg)}
+    perm = losses.derangement(B, generator=generator)
+    probs = torch.softmax(f_seg / SMOOSEG_TEMPERATURE, dim=1)
+    terms["smo"] = losses.smoothness_loss(feats, probs, *CITYSCAPES_SMOOSEG, perm=perm)
+    terms["corr"] = losses.correspondence_terms(feats, codes, feats_aug, codes_aug, CITYSCAPES_STEGO_SHIFTS,
+                                                CITYSCAPES_STEGO_WEIGHTS, generator=generator)["corr"]
+    fused = (1 - 0.6) * f_seg + 0.6 * aligned(f_low, f_seg)  # eq (13), alpha 0.6
+    small = F.interpolate(images, size=(CROP // 8, CROP // 8), mode="bilinear", align_corners=False)
+    terms["fs"], terms["reg"] = losses.feature_similarity_losses(codes, fused, small)  # eq (14)
+    total = 0.3 * terms["reg"] + 0.7 * terms["fs"] + terms["smo"] + terms["data"] + terms["corr"]  # eq (15)
+    total.backward()
+    parameters = list(model.head.parameters()) + [model.local_centres]
+    gradients = [p.grad.clone() for p in parameters]
+    torch.optim.Adam([{"params": list(model.head.parameters()), "lr": 0.01},
+                      {"params": [model.local_centres], "lr": 0.02}]).step()
+    global_centres = 0.9 * model.global_centres + 0.1 * model.local_centres.detach()  # EMA, momentum 0.9
+    return terms, total, gradients, model.local_centres.detach(), global_centres
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory):
+    """The real training loop for one step, and the independent recomputation of that step."""
+    tmp_path = tmp_path_factory.mktemp("wiring")
+    cfg = settings(tmp_path)
+    backbone = StandIn().eval().requires_grad_(False)
+    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=CROP, seed=cfg.seed, length=B)
+    model = il2vseg.build_model(cfg, backbone, K, "cpu")
+    expected = expected_step(backbone, model, batch_of_step_one(dataset, cfg), cfg)
+    history = il2vseg.train(backbone, model, dataset, cfg, torch.device("cpu"), log=lambda *a: None)
+    state = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")
+    return history[0], state, model, expected
+
+
+@pytest.mark.parametrize("term", ["data", "smo", "corr", "fs", "reg"])
+def test_each_term_of_eq15_is_what_the_equations_give(one_step, term):
+    values, _, _, (terms, _, _, _, _) = one_step
+    assert values[term] == pytest.approx(terms[term].item(), rel=1e-5, abs=1e-6), term
+
+
+def test_the_total_weighs_reg_by_beta_and_fs_by_gamma(one_step):
+    values, _, _, (terms, total, _, _, _) = one_step
+    assert values["total"] == pytest.approx(total.item(), rel=1e-5, abs=1e-6)
+
+
+def test_the_gradient_that_reached_the_head_and_the_centres(one_step):
+    _, state, model, (_, _, gradients, _, _) = one_step
+    moments = state["optimiser"]["state"]  # Adam's first moment after one step is (1 - 0.9) * gradient
+    assert len(moments) == len(gradients)
+    for index, gradient in enumerate(gradients):
+        torch.testing.assert_close(moments[index]["exp_avg"] / 0.1, gradient, rtol=1e-4, atol=1e-7)
+    groups = state["optimiser"]["param_groups"]
+    assert [g["lr"] for g in groups] == [0.01, 0.02] and groups[1]["params"] == [len(gradients) - 1]
+
+
+def test_the_global_centres_follow_by_ema_with_the_configured_momentum(one_step):
+    _, state, model, (_, _, _, local, global_centres) = one_step
+    torch.testing.assert_close(state["model"]["local_centres"], local, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(state["model"]["global_centres"], global_centres, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(model.global_centres, global_centres, rtol=1e-5, atol=1e-7)
+
+
+# -------------------------------------------------------------------------------- spies on one step
+
+class Spy:
+    """Wraps module.name, recording the arguments of every call."""
+
+    def __init__(self, monkeypatch, module, name):
+        self.calls, real = [], getattr(module, name)
+
+        def spy(*args, **kwargs):
+            self.calls.append((args, kwargs))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+
+
+def step_inputs(tmp_path, *extra):
+    cfg = settings(tmp_path, *extra)
+    backbone = StandIn().eval().requires_grad_(False)
+    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=CROP, seed=0, length=B)
+    return cfg, backbone, il2vseg.build_model(cfg, backbone, K, "cpu"), batch_of_step_one(dataset, cfg)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_eq14_sees_the_low_level_cue_exactly_when_alpha_is_positive(tmp_path, monkeypatch, alpha):
+    cfg, backbone, model, images = step_inputs(tmp_path, "--alpha", str(alpha))
+    spy = Spy(monkeypatch, losses, "feature_similarity_losses")
+    cues = [torch.softmax(torch.randn(B, K, 4, 4, generator=torch.Generator().manual_seed(s)) * 3, dim=1) for s in (1, 2)]
+    for cue in cues:
+        il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0), lambda x, cue=cue: cue)
+    (codes_1, fused_1, small_1), (codes_2, fused_2, _) = [call[0] for call in spy.calls]
+    f_seg = il2vseg.cosine_to_centres(codes_1, model.global_centres)
+    if alpha == 0:
+        assert torch.equal(fused_1, fused_2) and torch.allclose(fused_1, f_seg)
+    else:
+        assert not torch.allclose(fused_1, fused_2)
+        torch.testing.assert_close(fused_1, (1 - alpha) * f_seg + alpha * aligned(cues[0], f_seg))
+    torch.testing.assert_close(small_1, F.interpolate(images, size=(4, 4), mode="bilinear", align_corners=False))
+
+
+def test_the_correspondence_pair_is_the_image_and_its_jittered_copy(tmp_path, monkeypatch):
+    cfg, backbone, model, images = step_inputs(tmp_path)
+    spy = Spy(monkeypatch, losses, "correspondence_terms")
+    il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(3))
+    (feats, codes, feats_aug, codes_aug), kwargs = spy.calls[0]
+    images_aug = data.photometric_augment(images, generator=torch.Generator().manual_seed(3))  # I~, drawn first
+    assert not torch.equal(images_aug, images)
+    torch.testing.assert_close(feats, backbones.features(backbone, images))
+    torch.testing.assert_close(feats_aug, backbones.features(backbone, images_aug))
+    assert not torch.allclose(feats, feats_aug) and not torch.allclose(codes, codes_aug)
+    assert kwargs["shifts"] == CITYSCAPES_STEGO_SHIFTS and kwargs["weights"] == CITYSCAPES_STEGO_WEIGHTS
+
+
+def test_smoothness_and_data_terms_get_the_centres_smooseg_uses(tmp_path, monkeypatch):
+    cfg, backbone, model, images = step_inputs(tmp_path)
+    with torch.no_grad():  # make the local and global centres differ, as they do after a few steps
+        model.local_centres.add_(torch.randn(model.local_centres.shape, generator=torch.Generator().manual_seed(0)))
+    smo, data_term = Spy(monkeypatch, losses, "smoothness_loss"), Spy(monkeypatch, losses, "data_loss")
+    il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0))
+    (feats, probs, close, far), kwargs = smo.calls[0]
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(B, 4, 4))
+    codes = model(backbones.features(backbone, images))
+    f_seg = il2vseg.cosine_to_centres(codes, model.global_centres)
+    torch.testing.assert_close(probs, torch.softmax(f_seg / SMOOSEG_TEMPERATURE, dim=1))
+    assert (close, far) == CITYSCAPES_SMOOSEG and torch.equal(feats, backbones.features(backbone, images))
+    perm = kwargs["perm"]
+    assert sorted(perm.tolist()) == list(range(B)) and all(perm[i] != i for i in range(B))
+    (inner_local, inner_global), _ = data_term.calls[0]
+    torch.testing.assert_close(inner_global, f_seg)  # the target: argmax over the global centres
+    torch.testing.assert_close(inner_local, il2vseg.cosine_to_centres(codes, model.local_centres))
+    assert not inner_local.requires_grad or inner_local.grad_fn is not None
+
+
+def test_the_loss_constants_of_each_data_set_reach_the_run(tmp_path):
+    """The shifts and weights resolve_defaults puts into the run, per data set and backbone."""
+    for name in ("cityscapes", "cocostuff", "potsdam", "camvid"):
+        cfg = il2vseg.parse_args(["--data", name, "--out", str(tmp_path)])
+        il2vseg.resolve_defaults(cfg, torch.device("cpu"))
+        constants = losses.loss_constants(name, "vits8")
+        assert (cfg.shift_close, cfg.shift_far) == (constants["smooseg_shifts"]["close"],
+                                                    constants["smooseg_shifts"]["far"]), name
+        assert cfg.corr_shifts == constants["stego_shifts"] and cfg.corr_weights == constants["stego_weights"], name
+    cfg = il2vseg.resolve_defaults(il2vseg.parse_args(["--data", "cocostuff", "--arch", "resnet50-mocov2"]),
+                                   torch.device("cpu"))
+    assert cfg.corr_shifts == {"pos_intra": 0.32, "pos_inter": 0.36, "neg_inter": 0.26}  # STEGO's MoCo config
+    cfg = il2vseg.resolve_defaults(il2vseg.parse_args(["--data", "cityscapes"]), torch.device("cpu"))
+    assert (cfg.shift_close, cfg.shift_far) == CITYSCAPES_SMOOSEG
+    assert cfg.corr_shifts == CITYSCAPES_STEGO_SHIFTS and cfg.corr_weights == CITYSCAPES_STEGO_WEIGHTS
+
+
+def test_the_loss_switches_reach_the_total(tmp_path, monkeypatch):
+    for flag, off in (("--no-smo", {"smo", "data"}), ("--no-fs", {"fs"}), ("--no-reg", {"reg"}),
+                      ("--no-corr", {"corr"})):
+        cfg = settings(tmp_path, flag)
+        spy = Spy(monkeypatch, losses, "total_loss")
+        dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=CROP, length=B)
+        backbone = StandIn().eval().requires_grad_(False)
+        il2vseg.train(backbone, il2vseg.build_model(cfg, backbone, K, "cpu"), dataset, cfg, torch.device("cpu"),
+                      log=lambda *a: None)
+        kwargs = spy.calls[0][1]
+        assert (kwargs["beta"], kwargs["gamma"]) == (0.3, 0.7)
+        for term in ("smo", "data", "fs", "reg", "corr"):
+            assert kwargs[f"use_{term}"] is (term not in off), (flag, term)
+        monkeypatch.undo()
+
+
+# -------------------------------------------------------------------------------- the evaluation switches
+
+def eval_settings(tmp_path, *extra):
+    cfg = il2vseg.parse_args(["--eval", "--weights", "random", "--out", str(tmp_path), "--crop", str(CROP),
+                              "--eval-crop", str(CROP), "--eval-images", "4", "--probe-images", "4", "--dim", "8",
+                              "--fcm-iters", "3", "--save-images", "0", *extra])
+    cfg = il2vseg.resolve_defaults(cfg, torch.device("cpu"))
+    train_set = data.build_dataset("synthetic", None, split="train", mode="eval", crop_size=CROP, length=6)
+    val_set = data.build_dataset("synthetic", None, split="val", mode="eval", crop_size=CROP, length=4)
+    return cfg, (None, val_set, train_set)
+
+
+def run_evaluation_spied(tmp_path, monkeypatch, *extra):
+    cfg, datasets = eval_settings(tmp_path, *extra)
+    spies = {"evaluate": Spy(monkeypatch, evaluate, "evaluate"), "collect": Spy(monkeypatch, evaluate, "collect_codes"),
+             "kmeans": Spy(monkeypatch, evaluate, "kmeans_cosine"), "crf": Spy(monkeypatch, evaluate, "refine_with_crf")}
+    backbone = StandIn().eval().requires_grad_(False)
+    model = il2vseg.build_model(cfg, backbone, K, "cpu")
+    result = il2vseg.run_evaluation(backbone, model, cfg, torch.device("cpu"), datasets, log=lambda *a: None)
+    return cfg, datasets, model, spies, result
+
+
+def test_default_evaluation_fits_kmeans_on_training_images_and_reports_both_probes(tmp_path, monkeypatch):
+    cfg, (_, val_set, train_set), model, spies, result = run_evaluation_spied(tmp_path, monkeypatch)
+    (code_fn, loader, _), kwargs = spies["collect"].calls[0]
+    assert loader.dataset is train_set and kwargs["flip"] is True  # fit on training images, flip TTA on
+    (_, k), kmeans_kwargs = spies["kmeans"].calls[0]
+    assert k == K and kmeans_kwargs["n_init"] == 5 and kmeans_kwargs["seed"] == cfg.seed
+    (_, val_loader, _, probes, _), eval_kwargs = spies["evaluate"].calls[0]
+    assert val_loader.dataset is val_set and set(probes) == {"kmeans", "centres"}
+    assert probes["centres"] is model.global_centres
+    assert eval_kwargs["flip"] is True and eval_kwargs["use_crf"] is True and eval_kwargs["alpha"] == 0.0
+    assert eval_kwargs["low_level_fn"] is None
+    assert set(result["probes"]) == {"kmeans", "centres"}
+    assert all(result["probes"][p]["after_crf"] is not None for p in ("kmeans", "centres"))
+    assert len(spies["crf"].calls) == 2  # one CRF per probe for the one batch
+
+
+@pytest.mark.parametrize("probe", ["kmeans", "centres"])
+def test_probe_switch_changes_only_the_probes(tmp_path, monkeypatch, probe):
+    _, _, _, spies, result = run_evaluation_spied(tmp_path, monkeypatch, "--probe", probe, "--no-crf")
+    assert set(result["probes"]) == {probe}
+    assert bool(spies["kmeans"].calls) == (probe == "kmeans")
+
+
+def test_transductive_fit_and_seeds_and_restarts(tmp_path, monkeypatch):
+    _, (_, val_set, _), _, spies, result = run_evaluation_spied(
+        tmp_path, monkeypatch, "--kmeans-fit", "val", "--kmeans-seeds", "3", "--kmeans-restarts", "2", "--no-crf")
+    assert spies["collect"].calls[0][0][1].dataset is val_set
+    assert [call[1]["seed"] for call in spies["kmeans"].calls] == [0, 1, 2]
+    assert all(call[1]["n_init"] == 2 for call in spies["kmeans"].calls)
+    assert set(result["probes"]) == {"kmeans", "kmeans seed 1", "kmeans seed 2", "centres"}
+    assert set(result["spread"]["before_crf"]) == {"acc", "miou"} and result["spread"]["after_crf"] is None
+
+
+def test_no_flip_tta_and_no_crf_change_what_they_say_and_nothing_else(tmp_path, monkeypatch):
+    _, _, _, spies, plain = run_evaluation_spied(tmp_path / "a", monkeypatch, "--no-flip-tta", "--no-crf")
+    assert spies["collect"].calls[0][1]["flip"] is False and spies["evaluate"].calls[0][1]["flip"] is False
+    assert spies["evaluate"].calls[0][1]["use_crf"] is False and not spies["crf"].calls
+    monkeypatch.undo()
+    _, _, _, _, with_crf = run_evaluation_spied(tmp_path / "b", monkeypatch, "--no-flip-tta")
+    for probe in ("kmeans", "centres"):
+        assert plain["probes"][probe]["after_crf"] is None
+        assert plain["probes"][probe]["before_crf"] == with_crf["probes"][probe]["before_crf"], probe
+
+
+def test_eval_alpha_fuses_the_aligned_low_level_cue_of_the_evaluated_images(tmp_path, monkeypatch):
+    cfg, _, model, spies, _ = run_evaluation_spied(tmp_path, monkeypatch, "--eval-alpha", "0.4", "--no-crf")
+    kwargs = spies["evaluate"].calls[0][1]
+    assert kwargs["alpha"] == 0.4 and kwargs["low_level_fn"] is not None
+    images = torch.rand(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))
+    codes, centres = torch.randn(2, 8, 4, 4), torch.randn(K, 8)
+    f_low = fcm.low_level_cue(images, K, sigma=cfg.fcm_sigma, patch=8, affinity=cfg.affinity, radius=cfg.radius,
+                              max_iter=3)
+    expected = il2vseg.align_clusters(f_low, il2vseg.cosine_to_centres(codes, centres))
+    torch.testing.assert_close(kwargs["low_level_fn"](images, codes, centres), expected)
+
+
+def test_the_low_level_branch_uses_the_runs_fcm_settings(tmp_path):
+    cfg = settings(tmp_path, "--fcm-sigma", "0.2", "--fcm-iters", "3", "--fcm-m", "1.5", "--affinity", "local",
+                   "--radius", "1")
+    images = torch.rand(2, 3, 32, 24, generator=torch.Generator().manual_seed(0))
+    expected = fcm.low_level_cue(images, 4, m=1.5, sigma=0.2, patch=8, affinity="local", radius=1, max_iter=3)
+    assert torch.equal(il2vseg.low_level_branch(cfg, 4, 8)(images), expected)
+    different = fcm.low_level_cue(images, 4, m=1.5, sigma=0.1, patch=8, affinity="local", radius=1, max_iter=3)
+    assert not torch.equal(expected, different)
+
+
+def test_compiled_branch_falls_back_to_eager_with_one_line(tmp_path, monkeypatch):
+    cfg = settings(tmp_path)
+    lines = []
+
+    def failing_compile(fn, **kwargs):
+        assert kwargs == {"mode": "reduce-overhead"} and fn.keywords["early_exit"] is False
+        return functools.partial(lambda *a: (_ for _ in ()).throw(RuntimeError("inductor: no C++ compiler")))
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    branch = il2vseg.low_level_branch(cfg, 3, 8, compiled=True, log=lines.append)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = il2vseg.low_level_branch(cfg, 3, 8)(images)
+    assert torch.equal(branch(images), expected) and torch.equal(branch(images), expected)
+    assert len(lines) == 1 and "torch.compile" in lines[0] and "eagerly" in lines[0] and "\n" not in lines[0]
