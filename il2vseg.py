@@ -190,15 +190,17 @@ def loss_terms(backbone, model, images, cfg, generator, low_level=None):
     codes, codes_aug = codes_both[:B], codes_both[B:]
 
     f_seg = cosine_to_centres(codes, model.global_centres)  # eq (2), F^seg: the head learns through it
+    f_fused = fuse(f_seg, f_low, cfg.alpha)  # eq (13), F^f (B, K, h, w)
+    # --fusion-in all: F^f is "the segmentation feature vector" of SmooSeg's terms too (Figure 5's reading)
+    scores = f_fused if cfg.fusion_in == "all" else f_seg
     inner_local = cosine_to_centres(codes.detach(), model.local_centres)  # local centres learn from here
-    terms = {"data": losses.data_loss(inner_local, f_seg)}  # SmooSeg's data term (goes with L_smo)
+    terms = {"data": losses.data_loss(inner_local, scores)}  # SmooSeg's data term (goes with L_smo)
     perm = losses.derangement(B, generator=generator, device=images.device) if B > 1 else None
-    probs = torch.softmax(f_seg / cfg.smooth_temperature, dim=1)  # SmooSeg's P
+    probs = torch.softmax(scores / cfg.smooth_temperature, dim=1)  # SmooSeg's P
     terms["smo"] = losses.smoothness_loss(feats, probs, cfg.shift_close, cfg.shift_far, perm=perm)
     corr = losses.correspondence_terms(feats, codes, feats_aug, codes_aug, shifts=cfg.corr_shifts,
                                        weights=cfg.corr_weights, generator=generator)  # I with itself, I~, others
     terms["corr"] = corr["corr"]
-    f_fused = fuse(f_seg, f_low, cfg.alpha)  # eq (13), F^f (B, K, h, w)
     small = F.interpolate(images, size=f_low.shape[2:], mode="bilinear", align_corners=False)  # colours on the grid
     terms["fs"], terms["reg"] = losses.feature_similarity_losses(codes, f_fused, small)  # eq (14)
     return terms
@@ -237,7 +239,7 @@ class EpochItems(torch.utils.data.Dataset):
 # settings a resumed run must share with the checkpoint (data, order, shapes, losses)
 RESUME_MUST_MATCH = ("data", "data_root", "train_split", "arch", "dim", "dropout", "batch_size", "crop", "seed",
                      "five_crop", "alpha", "beta", "gamma", "use_smo", "use_fs", "use_reg", "use_corr", "lr_head",
-                     "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius",
+                     "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius", "fusion_in",
                      "smooth_temperature")
 
 
@@ -471,6 +473,8 @@ def parse_args(argv=None):
     t.add_argument("--fcm-m", type=float, default=2.0, help="FCM fuzzification index m, eqs (3)-(7)")
     t.add_argument("--fcm-sigma", type=float, default=0.1, help="sigma of the colour affinity, eq (10), RGB in [0, 1]")
     t.add_argument("--fcm-iters", type=int, default=20, help="FCM iteration cap")
+    t.add_argument("--fusion-in", choices=["fs", "all"], default="fs",
+                   help="F^f of eq (13) feeds eq (14) only (fs), or also L_smo and the data term (all)")
     t.add_argument("--affinity", choices=["global", "local", "none"], default="global",
                    help="eqs (9)-(11) over all pixel pairs (as printed), over a window of neighbours, or off")
     t.add_argument("--radius", type=int, default=3, help="window radius of --affinity local, in grid cells")

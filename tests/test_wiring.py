@@ -211,7 +211,18 @@ def test_smoothness_and_data_terms_get_the_centres_smooseg_uses(tmp_path, monkey
     (inner_local, inner_global), _ = data_term.calls[0]
     torch.testing.assert_close(inner_global, f_seg)  # the target: argmax over the global centres
     torch.testing.assert_close(inner_local, il2vseg.cosine_to_centres(codes, model.local_centres))
-    assert not inner_local.requires_grad or inner_local.grad_fn is not None
+
+
+def test_fusion_in_all_feeds_the_fused_scores_to_smoothness_and_data_terms(tmp_path, monkeypatch):
+    cfg, backbone, model, images = step_inputs(tmp_path, "--fusion-in", "all")
+    smo, data_term = Spy(monkeypatch, losses, "smoothness_loss"), Spy(monkeypatch, losses, "data_loss")
+    cue = torch.softmax(torch.randn(B, K, 4, 4, generator=torch.Generator().manual_seed(1)) * 3, dim=1)
+    il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0), lambda x: cue)
+    codes = model(backbones.features(backbone, images))
+    f_seg = il2vseg.cosine_to_centres(codes, model.global_centres)
+    fused = (1 - 0.6) * f_seg + 0.6 * aligned(cue, f_seg)
+    torch.testing.assert_close(smo.calls[0][0][1], torch.softmax(fused / SMOOSEG_TEMPERATURE, dim=1))
+    torch.testing.assert_close(data_term.calls[0][0][1], fused)
 
 
 def test_the_loss_constants_of_each_data_set_reach_the_run(tmp_path):
