@@ -4,9 +4,10 @@
     python bench.py --camvid DIR    # use a real 480x360 CamVid frame for the CRF rows
 
 Rows: the ViT-S/8 forward (bf16 on CUDA; timm's ViT beside it when timm happens to be installed,
-it is never a dependency), the low-level branch (FCM + colour affinity + A·P, eqs 1-12), one
-training step split into backbone / low-level branch / head + losses + update, the dense CRF, and
-the cosine k-means of the evaluation. Targets (from the issues) are printed beside each row.
+it is never a dependency), the low-level branch (FCM + colour affinity + A·P, eqs 1-12; both
+readings of the affinity; on CUDA also under torch.compile as training runs it), one training step
+split into backbone / low-level branch / head + losses + update, the dense CRF, and the cosine
+k-means of the evaluation. Targets (from the issues) are printed beside each row.
 """
 import argparse
 import datetime
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+import backbones
 import crf
 import data
 import evaluate
 import fcm
 import il2vseg
+import losses
 
 
 def timed(fn, device, repeat=10, warmup=3):
@@ -52,17 +55,9 @@ def timed_together(fns, device, repeat=5, warmup=2):
     return [median([r[i] for r in rounds]) for i in range(len(fns))], median([r[0] - sum(r[1:]) for r in rounds])
 
 
-def graph_use(low_level):
-    """How a low-level branch ran on CUDA: from its CUDA graph, or eagerly (no graph, or fallback)."""
-    graphs = getattr(low_level, "graphs", {})
-    return "CUDA graph" if graphs and None not in graphs.values() else "eager"
-
-
-def training_config(args, n_classes):
-    cfg = il2vseg.parse_args(["--data", "cityscapes", "--weights", "random"])
-    cfg.batch_size = args.batch
-    il2vseg.resolve_defaults(cfg, torch.device("cpu"))  # fills the loss constants only
-    return cfg
+def training_config(args):
+    cfg = il2vseg.parse_args(["--data", "cityscapes", "--weights", "random", "--batch-size", str(args.batch)])
+    return il2vseg.resolve_defaults(cfg, torch.device("cpu"))  # fills the loss constants
 
 
 def main():
@@ -86,46 +81,46 @@ def main():
     print(f"il2vseg bench, {datetime.date.today()}, {name}, torch {torch.__version__}, batch {args.batch}")
 
     # ---- backbone forward
-    backbone = il2vseg.build_vit("vits8").to(device).eval().requires_grad_(False)
+    backbone = backbones.build_backbone("vits8").to(device).eval().requires_grad_(False)
     images224 = torch.rand(args.batch, 3, 224, 224, device=device)
     add("ViT-S/8 forward 224x224 (ours, bf16 on CUDA)",
-        timed(lambda: il2vseg.backbone_features(backbone, images224), device), f"batch {args.batch}",
+        timed(lambda: backbones.features(backbone, images224), device), f"batch {args.batch}",
         "<= timm (7.5 ms on H100, batch 32)" if cuda else "")
     if args.compile:
         compiled = torch.compile(backbone)
         add("ViT-S/8 forward 224x224 (ours, torch.compile)",
-            timed(lambda: il2vseg.backbone_features(compiled, images224), device), f"batch {args.batch}")
+            timed(lambda: backbones.features(compiled, images224), device), f"batch {args.batch}")
     try:
         timm = importlib.import_module("timm")  # optional, only for comparison: never a dependency
         reference = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0).to(device).eval()
 
         def timm_forward():
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                return reference.forward_features(data.normalize(images224))
+                return reference.forward_features(backbones.normalize(images224))
         add("ViT-S/8 forward 224x224 (timm, same precision)", timed(timm_forward, device), f"batch {args.batch}")
     except ImportError:
         pass
 
     # ---- low-level branch, eqs (1)-(12)
     images320 = torch.rand(args.batch, 3, 320, 320, device=device)
-    ms = timed(lambda: fcm.low_level_cue(images320, 27), device, repeat=5)
-    add("low-level branch 320x320 (40x40 grid), K=27", ms, f"batch {args.batch}",
-        "< 5 ms on H100" if cuda else f"< 50 ms/img: {ms / args.batch:.1f} ms/img")
-    if cuda:
-        graphed320 = fcm.GraphedLowLevelCue(27)
-        ms = timed(lambda: graphed320(images320), device)
-        add(f"low-level branch 320x320, K=27, as in training: {graph_use(graphed320)}", ms, f"batch {args.batch}",
-            "< 5 ms on H100")
+    cfg = training_config(args)
+    for affinity in ("global", "local"):
+        ms = timed(lambda: fcm.low_level_cue(images320, 27, affinity=affinity, radius=cfg.radius), device, repeat=5)
+        add(f"low-level branch 320x320 (40x40 grid), K=27, {affinity}", ms, f"batch {args.batch}",
+            "< 5 ms on H100" if cuda else f"< 50 ms/img: {ms / args.batch:.1f} ms/img")
+    if cuda:  # as training runs it: torch.compile(mode="reduce-overhead")
+        notes = []
+        compiled = il2vseg.low_level_branch(cfg, 27, 8, compiled=True, log=notes.append)
+        ms = timed(lambda: compiled(images320), device)
+        add(f"low-level branch 320x320, K=27, torch.compile{' FAILED: eager' if notes else ''}", ms,
+            f"batch {args.batch}", "< 5 ms on H100")
 
     # ---- one training step, split
     n_classes = 27
-    cfg = training_config(args, n_classes)
-    model = il2vseg.Segmenter(n_classes).to(device)
+    model = il2vseg.build_model(cfg, backbone, n_classes, device)
     optimiser = il2vseg.make_optimiser(model, cfg)
     generator = torch.Generator(device=device).manual_seed(0)
-    import losses
-
-    low_level = il2vseg.low_level_branch(cfg, n_classes, backbone.patch, cuda_graph=True)  # as in training
+    low_level = il2vseg.low_level_branch(cfg, n_classes, backbone.stride, compiled=cuda, log=print)  # as in training
 
     def step():
         terms = il2vseg.loss_terms(backbone, model, images224, cfg, generator, low_level)
@@ -137,10 +132,9 @@ def main():
 
     both = torch.cat([images224, images224])
     (t_step, t_backbone, t_low), t_rest = timed_together(
-        [step, lambda: il2vseg.backbone_features(backbone, both), lambda: low_level(images224)], device)
+        [step, lambda: backbones.features(backbone, both), lambda: low_level(images224)], device)
     add("train step 224x224: backbone (image + jittered copy)", t_backbone, f"batch {args.batch}")
-    how = f" ({graph_use(low_level)})" if cuda else ""
-    add(f"train step 224x224: low-level branch{how}", t_low, f"batch {args.batch}",
+    add(f"train step 224x224: low-level branch ({cfg.affinity})", t_low, f"batch {args.batch}",
         f"< 10% of a step: {100 * t_low / t_step:.0f}%")
     add("train step 224x224: head + losses + update (the rest)", t_rest, f"batch {args.batch}")
     add("train step 224x224: total", t_step, f"batch {args.batch}",
@@ -167,7 +161,8 @@ def main():
     n_images = 500 if cuda else 50
     codes = torch.randn(n_images * 40 * 40, 64, device=device)
     ms = timed(lambda: evaluate.kmeans_cosine(codes, 27, seed=0), device, repeat=3, warmup=1)
-    add(f"cosine k-means, {n_images} images x 40x40 codes, K=27", ms, "all", "< 2000 ms on GPU" if cuda else "")
+    add(f"cosine k-means, {n_images} images x 40x40 codes, K=27, one run", ms, "all",
+        "< 2000 ms on GPU" if cuda else "")
 
     print()
     print(f"| what | time | per | target |  ({datetime.date.today()}, {name}, {platform.python_version()})")
