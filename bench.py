@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import backbones
+import cli
 import crf
 import data
 import evaluate
@@ -56,8 +57,8 @@ def timed_together(fns, device, repeat=5, warmup=2):
 
 
 def training_config(args):
-    cfg = il2vseg.parse_args(["--data", "cityscapes", "--weights", "random", "--batch-size", str(args.batch)])
-    return il2vseg.resolve_defaults(cfg, torch.device("cpu"))  # fills the loss constants
+    cfg = cli.parse_args(["--data", "cityscapes", "--weights", "random", "--batch-size", str(args.batch)])
+    return cli.resolve_defaults(cfg, torch.device("cpu"))  # fills the loss constants
 
 
 def main():
@@ -67,7 +68,7 @@ def main():
     parser.add_argument("--camvid", default=None, help="folder with CamVid frames for the CRF rows")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the ViT")
     args = parser.parse_args()
-    device = il2vseg.pick_device(args.device)
+    device = cli.pick_device(args.device)
     cuda = device.type == "cuda"
     args.batch = args.batch or (32 if cuda else 4)
     torch.manual_seed(0)

@@ -1,10 +1,8 @@
 """Tests of evaluate.py: confusion matrix, Hungarian metrics, cosine k-means, prediction, PNGs, whole protocol."""
 
 import itertools
-import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

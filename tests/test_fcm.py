@@ -564,7 +564,7 @@ def test_degenerate_inputs_give_finite_results(spatial):
 
 
 def test_bad_inputs_raise_one_line_value_error():
-    x, centres, U = torch.rand(1, 3, 4, 4), torch.rand(1, 2, 3), torch.full((1, 2, 4, 4), 0.5)
+    x, U = torch.rand(1, 3, 4, 4), torch.full((1, 2, 4, 4), 0.5)
     nan_x = x.clone()
     nan_x[0, 0, 0, 0] = float("nan")
     ok = torch.rand(1, 3, 16, 16)

@@ -22,6 +22,7 @@ from PIL import Image
 
 import backbones
 import checkpoints
+import cli
 import il2vseg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def test_a_nan_head_is_named_before_the_hungarian_matching(tmp_path, monkeypatch
     import losses
     monkeypatch.setattr(losses, "data_loss", lambda inner_local, inner_global, *a, **k: inner_local.sum() * 0)
     out = tmp_path / "run"
-    cfg = il2vseg.resolve_defaults(il2vseg.parse_args(["--out", str(out)] + TINY), torch.device("cpu"))
+    cfg = cli.resolve_defaults(cli.parse_args(["--out", str(out)] + TINY), torch.device("cpu"))
     backbone = backbones.VisionTransformer(patch=8, dim=32, depth=1, heads=2, pretrain_size=32).eval()
     model = il2vseg.build_model(cfg, backbone, 3, "cpu")
     with torch.no_grad():
@@ -202,7 +203,7 @@ def test_a_worker_error_is_unwrapped_to_its_own_line():
     with pytest.raises(data.DataError) as info:
         next(iter(loader))
     assert "Traceback" in str(info.value)  # what torch gives
-    assert il2vseg.one_line(info.value) == "/data/x.png: corrupt, truncated or unreadable image (OSError: broken data stream)"
+    assert cli.one_line(info.value) == "/data/x.png: corrupt, truncated or unreadable image (OSError: broken data stream)"
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):

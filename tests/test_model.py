@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import il2vseg
 from pasting import paste_alone
 
@@ -139,7 +140,7 @@ def test_fuse_passes_gradient_to_the_head_branch_only():
 def test_build_model_depends_on_the_seed_alone_and_leaves_the_global_rng_alone():
     class Backbone:
         dim = 12
-    cfg = il2vseg.parse_args(["--dim", "6", "--seed", "3"])
+    cfg = cli.parse_args(["--dim", "6", "--seed", "3"])
     torch.manual_seed(123)
     before = torch.get_rng_state()
     first = il2vseg.build_model(cfg, Backbone, 4, "cpu")

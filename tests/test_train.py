@@ -9,6 +9,7 @@ import torch
 
 import backbones
 import checkpoints
+import cli
 import data
 import il2vseg
 import losses
@@ -25,8 +26,8 @@ def tiny_backbone():
 def config(tmp_path, **changes):
     argv = ["--weights", "random", "--out", str(tmp_path), "--crop", "32", "--batch-size", "4", "--dim", "8",
             "--steps", "6", "--save-every", "3", "--log-every", "100", "--fcm-iters", "5"]
-    cfg = il2vseg.parse_args(argv)
-    il2vseg.resolve_defaults(cfg, torch.device("cpu"))
+    cfg = cli.parse_args(argv)
+    cli.resolve_defaults(cfg, torch.device("cpu"))
     vars(cfg).update(changes)
     return cfg
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import backbones
 import checkpoints
+import cli
 import data
 import evaluate
 import fcm
@@ -49,11 +50,11 @@ class StandIn(nn.Module):
 def settings(tmp_path, *extra):
     """A run on the 'cityscapes' constants with beta, gamma, alpha, ema and learning rates that differ
     from each other, so that a swap at a call site changes the numbers."""
-    cfg = il2vseg.parse_args(["--data", "cityscapes", "--weights", "random", "--out", str(tmp_path), "--crop", str(CROP),
+    cfg = cli.parse_args(["--data", "cityscapes", "--weights", "random", "--out", str(tmp_path), "--crop", str(CROP),
                               "--batch-size", str(B), "--steps", "1", "--save-every", "1", "--fcm-iters", "4",
                               "--dim", "8", "--dropout", "0", "--beta", "0.3", "--gamma", "0.7", "--alpha", "0.6",
                               "--ema", "0.9", "--lr-head", "0.01", "--lr-centres", "0.02", "--seed", "5", *extra])
-    return il2vseg.resolve_defaults(cfg, torch.device("cpu"))
+    return cli.resolve_defaults(cfg, torch.device("cpu"))
 
 
 def batch_of_step_one(dataset, cfg):
@@ -228,16 +229,16 @@ def test_fusion_in_all_feeds_the_fused_scores_to_smoothness_and_data_terms(tmp_p
 def test_the_loss_constants_of_each_data_set_reach_the_run(tmp_path):
     """The shifts and weights resolve_defaults puts into the run, per data set and backbone."""
     for name in ("cityscapes", "cocostuff", "potsdam", "camvid"):
-        cfg = il2vseg.parse_args(["--data", name, "--out", str(tmp_path)])
-        il2vseg.resolve_defaults(cfg, torch.device("cpu"))
+        cfg = cli.parse_args(["--data", name, "--out", str(tmp_path)])
+        cli.resolve_defaults(cfg, torch.device("cpu"))
         constants = losses.loss_constants(name, "vits8")
         assert (cfg.shift_close, cfg.shift_far) == (constants["smooseg_shifts"]["close"],
                                                     constants["smooseg_shifts"]["far"]), name
         assert cfg.corr_shifts == constants["stego_shifts"] and cfg.corr_weights == constants["stego_weights"], name
-    cfg = il2vseg.resolve_defaults(il2vseg.parse_args(["--data", "cocostuff", "--arch", "resnet50-mocov2"]),
+    cfg = cli.resolve_defaults(cli.parse_args(["--data", "cocostuff", "--arch", "resnet50-mocov2"]),
                                    torch.device("cpu"))
     assert cfg.corr_shifts == {"pos_intra": 0.32, "pos_inter": 0.36, "neg_inter": 0.26}  # STEGO's MoCo config
-    cfg = il2vseg.resolve_defaults(il2vseg.parse_args(["--data", "cityscapes"]), torch.device("cpu"))
+    cfg = cli.resolve_defaults(cli.parse_args(["--data", "cityscapes"]), torch.device("cpu"))
     assert (cfg.shift_close, cfg.shift_far) == CITYSCAPES_SMOOSEG
     assert cfg.corr_shifts == CITYSCAPES_STEGO_SHIFTS and cfg.corr_weights == CITYSCAPES_STEGO_WEIGHTS
 
@@ -261,10 +262,10 @@ def test_the_loss_switches_reach_the_total(tmp_path, monkeypatch):
 # -------------------------------------------------------------------------------- the evaluation switches
 
 def eval_settings(tmp_path, *extra):
-    cfg = il2vseg.parse_args(["--eval", "--weights", "random", "--out", str(tmp_path), "--crop", str(CROP),
+    cfg = cli.parse_args(["--eval", "--weights", "random", "--out", str(tmp_path), "--crop", str(CROP),
                               "--eval-crop", str(CROP), "--eval-images", "4", "--probe-images", "4", "--dim", "8",
                               "--fcm-iters", "3", "--save-images", "0", *extra])
-    cfg = il2vseg.resolve_defaults(cfg, torch.device("cpu"))
+    cfg = cli.resolve_defaults(cfg, torch.device("cpu"))
     train_set = data.build_dataset("synthetic", None, split="train", mode="eval", crop_size=CROP, length=6)
     val_set = data.build_dataset("synthetic", None, split="val", mode="eval", crop_size=CROP, length=4)
     return cfg, (None, val_set, train_set)

@@ -1,0 +1,204 @@
+"""The command line of il2vseg.py: its flags, their defaults and checks, and the data a command needs.
+
+Nothing of the paper is here beyond its default numbers (alpha 0.5, beta 0.05, gamma 0.1, Adam 1e-4 and
+5e-4, EMA 0.998). `parse_args` defines every flag, `resolve_defaults` fills what depends on the device,
+the data set and the backbone and refuses any number out of range with one line, `build_datasets`
+builds and checks, file by file, the data sets a command needs before any weights load, and `one_line`
+is the line printed for a failure. il2vseg.main puts them together.
+"""
+import argparse
+import math
+import os
+from pathlib import Path
+
+import torch
+
+import backbones
+import data
+import losses
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every flag with a real default; the others say theirs in their help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool) or "default" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="IL2Vseg: unsupervised semantic segmentation with low-level visual cues.",
+                                formatter_class=DefaultsFormatter)
+    a = p.add_argument_group("what to do")
+    a.add_argument("--train", action="store_true", help="train the head and centres, then evaluate")
+    a.add_argument("--eval", action="store_true", help="evaluate --checkpoint (or OUT/checkpoint.pt) on the val split")
+    a.add_argument("--predict", metavar="FOLDER", default=None, help="write a colour mask and overlay for every image in FOLDER")
+    a.add_argument("--ablation", choices=["alpha", "loss"], default=None,
+                   help="train + evaluate once per setting of Figure 5 (alpha) or Table 4 (loss) and print the table")
+    a.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue training from OUT/checkpoint.pt (or PATH) with its optimiser, EMA and RNG state")
+    a.add_argument("--overwrite", action="store_true", help="let --train replace a checkpoint already in --out")
+    a.add_argument("--checkpoint", default=None, help="checkpoint for --eval / --predict (default: OUT/checkpoint.pt)")
+    a.add_argument("--out", default=None, help="folder for checkpoint.pt, metrics.json and images (default: runs/DATA)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)} (synthetic is built in)")
+    d.add_argument("--data-root", default=None, help="root folder of the data set (not needed for synthetic)")
+    d.add_argument("--n-classes", type=int, default=None, help="number of classes K (needed for --data folder)")
+    d.add_argument("--train-split", default="train", help="split used for training")
+    d.add_argument("--val-split", default="val", help="split used for evaluation")
+    d.add_argument("--crop", type=int, default=None,
+                   help="training crop (default: 224; 128 for synthetic on the CPU; the multiple of the stride nearest it)")
+    d.add_argument("--eval-crop", type=int, default=None,
+                   help="evaluation centre crop (default: 320, 322 for /14 backbones; 192 for synthetic on the CPU)")
+    d.add_argument("--five-crop", action="store_true", help="train on STEGO's five crops (corners + centre, half size) of every image")
+    d.add_argument("--eval-images", type=int, default=None, help="evaluate on this many val images, evenly spaced (default: all)")
+    d.add_argument("--num-workers", type=int, default=None, help="data loader worker processes (default: up to 8 on CUDA, 0 on the CPU)")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default="vits8", choices=list(backbones.ARCHS), help="frozen backbone (the paper: vits8)")
+    m.add_argument("--weights", default=None, help="backbone weights: a file, 'random' (smoke tests), or unset for torch.hub")
+    m.add_argument("--dim", type=int, default=64, help="code dimension C2 of the projection head")
+    m.add_argument("--dropout", type=float, default=0.2, help="Dropout2d on the features before the head")
+    t = p.add_argument_group("training (paper defaults)")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: 3000; synthetic: 300 on CUDA, 60 on the CPU)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32 on CUDA, 8 on the CPU)")
+    t.add_argument("--lr-head", type=float, default=1e-4, help="Adam learning rate of the projection head")
+    t.add_argument("--lr-centres", type=float, default=5e-4, help="Adam learning rate of the local centres")
+    t.add_argument("--ema", type=float, default=0.998, help="EMA momentum of the global centres")
+    t.add_argument("--alpha", type=float, default=0.5, help="weight of the low-level cue in the fusion, eq (13)")
+    t.add_argument("--beta", type=float, default=0.05, help="weight of L_reg, eq (15)")
+    t.add_argument("--gamma", type=float, default=0.1, help="weight of L_fs, eq (15)")
+    for term, what in (("smo", "L_smo (and the data term)"), ("fs", "L_fs"), ("reg", "L_reg"), ("corr", "L_corr")):
+        t.add_argument(f"--no-{term}", dest=f"use_{term}", action="store_false", help=f"switch off {what}")
+    t.add_argument("--smooth-temperature", type=float, default=0.1, help="P = softmax(F_seg / T) in L_smo")
+    t.add_argument("--fcm-m", type=float, default=2.0, help="FCM fuzzification index m, eqs (3)-(7)")
+    t.add_argument("--fcm-sigma", type=float, default=0.1, help="sigma of the colour affinity, eq (10), RGB in [0, 1]")
+    t.add_argument("--fcm-iters", type=int, default=20, help="FCM iteration cap")
+    t.add_argument("--fusion-in", choices=["fs", "all"], default="fs",
+                   help="F^f of eq (13) feeds eq (14) only (fs), or also L_smo and the data term (all)")
+    t.add_argument("--affinity", choices=["global", "local", "none"], default="global",
+                   help="eqs (9)-(11) over all pixel pairs (as printed), over a window of neighbours, or off")
+    t.add_argument("--radius", type=int, default=3, help="window radius of --affinity local, in grid cells")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--save-every", type=int, default=100, help="write OUT/checkpoint.pt every N steps (and at the end)")
+    t.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    t.add_argument("--no-compile", action="store_true", help="on CUDA, run the low-level branch without torch.compile")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--probe", choices=["kmeans", "centres", "both"], default="both",
+                   help="cosine k-means on the codes (paper, STEGO), the trained global centres (SmooSeg), or both")
+    e.add_argument("--kmeans-fit", choices=["train", "val"], default="train",
+                   help="fit k-means on codes of training images (the peers) or of the evaluated split (transductive)")
+    e.add_argument("--probe-images", type=int, default=500, help="at most this many training images (evenly spaced) for k-means")
+    e.add_argument("--kmeans-restarts", type=int, default=5, help="k-means runs per seed; the lowest k-means loss is kept")
+    e.add_argument("--kmeans-seeds", type=int, default=1, help="> 1: also report mean and std over this many k-means seeds")
+    e.add_argument("--eval-alpha", type=float, default=0.0, help="also fuse F_l into the evaluated prediction, eq (13)")
+    e.add_argument("--eval-batch-size", type=int, default=8, help="images per evaluation batch")
+    e.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
+    e.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", help="do not average the codes of the mirrored image")
+    e.add_argument("--save-images", type=int, default=8, help="side-by-side PNGs for the first N images")
+    return p.parse_args(argv)
+
+
+# every number the command line takes: flag -> (lowest, highest, what is allowed)
+LIMITS = {"steps": (1, 10**8), "batch_size": (1, 4096), "crop": (1, 8192), "eval_crop": (1, 8192),
+          "save_every": (1, 10**8), "log_every": (1, 10**8), "dim": (1, 4096), "eval_batch_size": (1, 4096),
+          "fcm_iters": (1, 10000), "num_workers": (0, 256), "save_images": (0, 10**6), "n_classes": (1, 255),
+          "eval_images": (1, 10**8), "probe_images": (1, 10**8), "kmeans_restarts": (1, 1000),
+          "kmeans_seeds": (1, 1000), "radius": (1, 64), "seed": (0, 2**31 - 1), "alpha": (0.0, 1.0),
+          "eval_alpha": (0.0, 1.0), "dropout": (0.0, 1.0), "beta": (0.0, 1e6), "gamma": (0.0, 1e6)}
+POSITIVE = ("lr_head", "lr_centres", "smooth_temperature", "fcm_sigma")  # finite and > 0
+
+
+def resolve_defaults(cfg, device):
+    """Fill the device-dependent defaults and the peers' loss constants; check every number."""
+    cuda = device.type == "cuda"
+    quick = cfg.data == "synthetic" and not cuda  # the out-of-the-box CPU run must stay short
+    stride = backbones.arch_facts(cfg.arch)["stride"]
+    near = lambda side: stride * max(1, round(side / stride))  # crops are multiples of the stride (322 for /14)
+    defaults = {"crop": near(128 if quick else 224), "eval_crop": near(192 if quick else 320),
+                "batch_size": 32 if cuda else 8,
+                "steps": 3000 if cfg.data != "synthetic" else (300 if cuda else 60),
+                "num_workers": min(8, os.cpu_count() or 1) if cuda else 0,  # on the CPU workers compete for cores
+                "out": str(Path(cfg.checkpoint).parent) if cfg.checkpoint else str(Path("runs") / cfg.data)}
+    for key, value in defaults.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.data not in data.DATASETS:
+        raise ValueError(f"--data {cfg.data}: unknown data set, choose one of {', '.join(data.DATASETS)}")
+    if cfg.ablation and (cfg.eval or cfg.predict or cfg.resume):
+        raise ValueError("--ablation trains and evaluates every setting itself: use it without --eval, --predict and --resume")
+    if not (cfg.use_smo or cfg.use_fs or cfg.use_reg or cfg.use_corr):
+        raise ValueError("every loss term is switched off (--no-smo --no-fs --no-reg --no-corr): nothing to train")
+    if cfg.data == "folder" and not cfg.n_classes:
+        raise ValueError("--data folder needs --n-classes K")
+    for key, (low, high) in LIMITS.items():
+        value = getattr(cfg, key)
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"--{key.replace('_', '-')} must lie in [{low}, {high}], got {value}")
+    for key in POSITIVE:
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) > 0):
+            raise ValueError(f"--{key.replace('_', '-')} must be a finite number > 0, got {getattr(cfg, key)}")
+    if not (0.0 <= cfg.ema < 1.0):
+        raise ValueError(f"--ema must lie in [0, 1), got {cfg.ema}")
+    if not (math.isfinite(cfg.fcm_m) and 1 < cfg.fcm_m <= 100):
+        raise ValueError(f"--fcm-m must lie in (1, 100] (eq 4 divides by m - 1), got {cfg.fcm_m}")
+    for key in ("crop", "eval_crop"):
+        if getattr(cfg, key) % stride:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)} must be a multiple of the {cfg.arch} "
+                             f"stride {stride}")
+    if cfg.data_root is not None:
+        cfg.data_root = str(Path(cfg.data_root).resolve())  # a resumed run must read the same folder
+    constants = losses.loss_constants(cfg.data, cfg.arch)  # the peers' tuned shifts and weights
+    cfg.shift_close, cfg.shift_far = constants["smooseg_shifts"]["close"], constants["smooseg_shifts"]["far"]
+    cfg.corr_shifts, cfg.corr_weights = constants["stego_shifts"], constants["stego_weights"]
+    return cfg
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def build_datasets(cfg):
+    """(train, val, k-means fit set) for what the command does, each checked file by file (data.py's
+    pre-flight check) before any weights load; None where the command needs none."""
+    common = dict(n_classes=cfg.n_classes, seed=cfg.seed, stride=backbones.ARCHS[cfg.arch]["stride"])
+    train_set = val_set = fit_set = None
+    if cfg.train or cfg.ablation:
+        train_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.train_split, mode="train",
+                                       crop_size=cfg.crop, five_crop=cfg.five_crop, **common)
+    if cfg.train or cfg.eval or cfg.ablation:
+        val_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.val_split, mode="eval",
+                                     crop_size=cfg.eval_crop, length=cfg.eval_images, **common)
+        if cfg.probe != "centres" and cfg.kmeans_fit == "train":
+            fit_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.train_split, mode="eval",
+                                         crop_size=cfg.eval_crop, length=cfg.probe_images, **common)
+        if cfg.ablation and not val_set.has_labels:
+            raise ValueError(f"--ablation needs labels in the {cfg.val_split} split")
+    problems = []
+    for dataset in (train_set, val_set, fit_set):
+        try:
+            if dataset is not None:
+                data.check_files(dataset)
+        except data.DataError as error:
+            problems.append(str(error))
+    if problems:
+        raise data.DataError(" | ".join(problems))
+    return train_set, val_set, fit_set
+
+
+def one_line(error):
+    """The one line printed for a failure: a DataLoader worker's wrapped traceback is reduced to the
+    original error's last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].split(".")[-1].endswith("Error") else last
+    return " ".join(text.splitlines()) or type(error).__name__

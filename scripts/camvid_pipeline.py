@@ -1,0 +1,509 @@
+"""The whole IL2Vseg pipeline on real CamVid frames with a frozen stand-in backbone (no download).
+
+DINO weights cannot be downloaded everywhere, yet the low-level cue F^l (paper eqs 1-12) and its fusion
+(eq 13) can only be judged next to a high-level feature map. This script trains the project's model
+(il2vseg.train: head, centres, every loss of eq 15) on CamVid train and evaluates it on CamVid val with the
+project's protocol pieces (evaluate.py: flip TTA, cosine k-means fit on TRAIN codes, global centres,
+softmax(2 cos), dense CRF, Hungarian matching), on top of a frozen, label-free stand-in backbone:
+
+  handcrafted  per 8x8 cell (stride 8, as ViT-S/8): mean colour in RGB, opponent and hue/saturation
+               coordinates, the spread of luminance and opponent colour, oriented gradient energies
+               at two scales, Laplacian energy, row/column position; the same (without position)
+               averaged over 3x3 and 9x9 cells for context. Standardised with fixed statistics of 32
+               train frames (no labels), then a FIXED seeded random projection to 384 channels + GELU.
+  lda          (optional, LABEL LEAKAGE) the same features plus a 10-d LDA projection fitted on the
+               TRAIN labels of the cells: a stand-in whose features know CamVid's classes.
+
+What it prints (markdown) and writes (--out JSON):
+  1. raw-feature baseline: k-means on the stand-in's features, no training;
+  2. the alpha sweep of Figure 5 (training alpha 0 .. 1, per affinity reading of eqs 9-12), mean +- std
+     over training seeds and k-means seeds, before / after the CRF, for both probes (k-means, centres);
+  3. eq (13) at evaluation (--eval-alpha): the printed fusion and candidate rewrites of
+     evaluate.fused_probs, with the sharpness of the unary fed to the CRF and how much the CRF changes.
+Expensive parts are shared: frames are decoded once, the stand-in's eval features and F^l are cached,
+one code pass feeds every probe, and one CRF pass (one lattice) refines every candidate unary at once.
+
+    python scripts/camvid_pipeline.py [--root ../shared/data/camvid] [--out /tmp/camvid_pipeline.json]
+"""
+import argparse
+import importlib
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+import backbones  # noqa: E402
+import crf  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import fcm  # noqa: E402
+import il2vseg  # noqa: E402
+
+K = 11  # CamVid's classes (void = id 11 is ignored by data.py)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default="../shared/data/camvid", help="CamVid (SegNet layout); relative to the repo root")
+    p.add_argument("--out", default="/tmp/camvid_pipeline.json", help="raw numbers as JSON")
+    p.add_argument("--standin", choices=["handcrafted", "lda"], default="handcrafted",
+                   help="frozen stand-in backbone; lda fits on TRAIN labels (label leakage)")
+    p.add_argument("--steps", type=int, default=120, help="training steps per run")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=160, help="training crop and evaluation centre crop (multiple of 8)")
+    p.add_argument("--train-frames", type=int, default=367, help="CamVid train frames (evenly spaced)")
+    p.add_argument("--fit-frames", type=int, default=60, help="train frames whose codes fit k-means (evenly spaced)")
+    p.add_argument("--val-frames", type=int, default=48, help="CamVid val frames evaluated (evenly spaced)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds")
+    p.add_argument("--kmeans-seeds", type=int, default=3)
+    p.add_argument("--kmeans-restarts", type=int, default=3, help="k-means runs per seed (lowest loss kept)")
+    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="training alphas of eq (13)")
+    p.add_argument("--affinities", default="global,local", help="readings of eqs 9-12: global, local, none")
+    p.add_argument("--radius", type=int, default=2, help="window radius of --affinity local (grid cells)")
+    p.add_argument("--fcm-sigma", type=float, default=0.1, help="sigma of eq (10)")
+    p.add_argument("--fusion-in", choices=["fs", "all"], default="all", help="where F^f is used in training")
+    p.add_argument("--fl-scale", choices=["printed", "range"], default="printed",
+                   help="F^l in eq (13) as printed ([0, 1]) or mapped onto the cosines' range (2 F^l - 1)")
+    p.add_argument("--eval-alpha", type=float, default=0.5, help="alpha of the eval-time fusion study")
+    p.add_argument("--study-alphas", default="0,0.5", help="training alphas whose models get the fusion study")
+    p.add_argument("--candidates", default="printed,keep-scale,poe,mix", help="eval-time fusions compared")
+    p.add_argument("--no-crf", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no per-run lines")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stand-in backbone: hand-crafted colour / texture / position features at stride 8
+# ----------------------------------------------------------------------------------------------
+
+def cell_features(rgb, cell=8):
+    """rgb (B, 3, H, W) in [0, 1] -> raw hand-crafted features (B, 62, H/cell, W/cell)."""
+    B, _, H, W = rgb.shape
+    r, g, b = rgb.unbind(1)
+    lum = 0.299 * r + 0.587 * g + 0.114 * b  # (B, H, W)
+    o1, o2 = (r - g) / math.sqrt(2), (r + g - 2 * b) / math.sqrt(6)  # opponent colours
+    hue, sat, val = data.rgb_to_hsv(rgb).unbind(1)
+    hs = [sat * torch.cos(2 * math.pi * hue), sat * torch.sin(2 * math.pi * hue), val]  # hue as a vector
+    colour = torch.stack([r, g, b, o1, o2, lum] + hs, 1)  # (B, 9, H, W)
+    pool = lambda x: F.avg_pool2d(x, cell)  # noqa: E731
+    means = pool(colour)  # (B, 9, h, w)
+    spread = (pool(torch.stack([lum, o1, o2], 1) ** 2) - means[:, [5, 3, 4]] ** 2).clamp_min(0).sqrt()  # (B, 3, h, w)
+
+    def oriented(x, c):  # mean |gradient| along 0, 90, 45, 135 degrees and |Laplacian| per cell of c pixels
+        x = x[:, None]
+        sobel = torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]]) / 8
+        gx = F.conv2d(F.pad(x, (1,) * 4, mode="replicate"), sobel.view(1, 1, 3, 3))
+        gy = F.conv2d(F.pad(x, (1,) * 4, mode="replicate"), sobel.t().reshape(1, 1, 3, 3))
+        lap = x - F.avg_pool2d(F.pad(x, (1,) * 4, mode="replicate"), 3, 1)
+        e = torch.cat([gx.abs(), gy.abs(), (gx + gy).abs() / math.sqrt(2), (gx - gy).abs() / math.sqrt(2), lap.abs()], 1)
+        return F.avg_pool2d(e, c)
+    texture = torch.cat([oriented(lum, cell), oriented(F.avg_pool2d(lum[:, None], 2)[:, 0], cell // 2)], 1)  # (B, 10, h, w)
+    local = torch.cat([means, spread, texture], 1)  # (B, 22, h, w)
+    h, w = local.shape[2:]
+    rows = torch.linspace(0, 1, h).view(1, 1, h, 1).expand(B, 1, h, w)
+    cols = torch.linspace(0, 1, w).view(1, 1, 1, w).expand(B, 1, h, w)
+    context = [F.avg_pool2d(local, k, 1, k // 2, count_include_pad=False) for k in (3, 9)]  # 3x3 and 9x9 cells
+    return torch.cat([local, rows, cols] + context, 1)  # (B, 22 + 2 + 44 = 68, h, w)
+
+
+class StandIn(nn.Module):
+    """A frozen backbone in backbones.py's sense (.dim, .stride, forward(ImageNet-normalised images)).
+
+    features = GELU(W [standardised cell features (, LDA projection)] + b), W and b fixed, seeded."""
+
+    def __init__(self, fit_images, dim=384, seed=0, lda=None):
+        super().__init__()
+        self.dim, self.stride = dim, 8
+        raw = cell_features(fit_images)  # (N, F, h, w) of label-free train frames
+        self.register_buffer("mean", raw.mean(dim=(0, 2, 3)).view(1, -1, 1, 1))
+        self.register_buffer("std", raw.std(dim=(0, 2, 3)).clamp_min(1e-6).view(1, -1, 1, 1))
+        self.register_buffer("lda", torch.zeros(raw.shape[1], 0) if lda is None else lda)  # (F, L)
+        n_in = raw.shape[1] + self.lda.shape[1]
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.randn(dim, n_in, generator=g) / math.sqrt(n_in))  # fixed projection
+        self.register_buffer("bias", 0.5 * torch.randn(dim, generator=g))
+
+    def standardised(self, rgb):
+        return (cell_features(rgb) - self.mean) / self.std  # (B, F, h, w)
+
+    def forward(self, images):  # ImageNet-normalised (B, 3, H, W) -> (B, dim, H/8, W/8)
+        mean = torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(backbones.IMAGENET_STD).view(1, 3, 1, 1)
+        f = self.standardised((images * std + mean).clamp(0, 1))
+        if self.lda.shape[1]:
+            f = torch.cat([f, torch.einsum("bfhw,fl->blhw", f, self.lda)], 1)
+        return F.gelu(torch.einsum("bfhw,df->bdhw", f, self.weight) + self.bias.view(1, -1, 1, 1))
+
+
+def fit_lda(standin, images, labels, gain=2.0):
+    """LABEL LEAKAGE: LDA (K - 1 directions) of the standardised cell features, from train labels.
+    Cells whose 8x8 block is >= 75% one class count. Returns (F, K - 1), each direction of unit variance x gain."""
+    f = standin.standardised(images).permute(0, 2, 3, 1).reshape(-1, standin.mean.shape[1]).double()
+    onehot = F.one_hot(labels.clamp_min(0), K).permute(0, 3, 1, 2).float() * (labels >= 0)[:, None]
+    frac, cls = F.avg_pool2d(onehot, 8).max(dim=1)
+    keep = (frac.flatten() >= 0.75)
+    f, y = f[keep], cls.flatten()[keep]
+    mu = f.mean(0)
+    sw, sb = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64), torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+    for c in y.unique():
+        fc = f[y == c]
+        sw += (fc - fc.mean(0)).T @ (fc - fc.mean(0))
+        sb += len(fc) * torch.outer(fc.mean(0) - mu, fc.mean(0) - mu)
+    sw += 1e-3 * torch.trace(sw) / len(sw) * torch.eye(len(sw), dtype=torch.float64)
+    _, vectors = scipy.linalg.eigh(sb.numpy(), sw.numpy())  # ascending generalised eigenvalues
+    v = torch.from_numpy(vectors[:, ::-1][:, :K - 1].copy())
+    return (gain * v / (f @ v).std(0)).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: frames decoded and resized once
+# ----------------------------------------------------------------------------------------------
+
+def eval_frames(root, split, crop, length):
+    """The project's eval geometry (short side -> crop, centre crop): images (N, 3, c, c), labels (N, c, c)."""
+    ds = data.build_dataset("camvid", root, split, mode="eval", crop_size=crop, length=length)
+    items = [ds[i] for i in range(len(ds))]
+    return torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items])
+
+
+def cached_train_set(root, crop, length, seed):
+    """data.py's training set (random crop + flip seeded by (seed, epoch, index)) over frames decoded and
+    resized (short side -> crop) once; the cache is shared between seeds."""
+    ds = data.build_dataset("camvid", root, "train", mode="train", crop_size=crop, length=length, seed=seed)
+    cache = cached_train_set.cache
+    for s in ds.samples:
+        if (s["name"], crop) not in cache:
+            cache[(s["name"], crop)] = data.resize_short_side(*ds.load(s), crop)
+    ds.load = lambda sample: cache[(sample["name"], crop)]
+    ds.resize = 0  # already resized
+    return ds
+
+
+cached_train_set.cache = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: il2vseg.train as it is (eq 13 optionally with F^l mapped onto the cosines' range)
+# ----------------------------------------------------------------------------------------------
+
+PRINTED_FUSE = il2vseg.fuse
+
+
+def range_fuse(f_seg, f_low, alpha=0.5, temperature=0.1):
+    """eq (13) with F^l mapped from [0, 1] onto the cosines' [-1, 1]: (1 - a) F^seg + a (2 F^l - 1)."""
+    if alpha > 0:
+        f_low = il2vseg.align_clusters(f_low, f_seg.detach(), temperature)
+    return (1 - alpha) * f_seg + alpha * (2 * f_low - 1)
+
+
+def train_model(args, backbone, seed, alpha, affinity, workdir):
+    cli = il2vseg if hasattr(il2vseg, "parse_args") else importlib.import_module("cli")  # the command line's home
+    cfg = cli.parse_args(["--data", "camvid", "--arch", "vits8"])
+    cli.resolve_defaults(cfg, torch.device("cpu"))  # the peers' loss constants, every field filled
+    vars(cfg).update(steps=args.steps, batch_size=args.batch_size, crop=args.crop, eval_crop=args.crop, seed=seed,
+                     alpha=alpha, affinity=affinity, radius=args.radius, fcm_sigma=args.fcm_sigma,
+                     fusion_in=args.fusion_in, out=str(workdir / f"run_{seed}_{affinity}_{alpha}"),
+                     save_every=args.steps, log_every=10 ** 9, num_workers=0, resume=None)
+    train_set = cached_train_set(args.root, args.crop, args.train_frames, seed)
+    model = il2vseg.build_model(cfg, backbone, K, torch.device("cpu"))
+    il2vseg.fuse = range_fuse if args.fl_scale == "range" else PRINTED_FUSE  # read by il2vseg.loss_terms
+    try:
+        history = il2vseg.train(backbone, model, train_set, cfg, torch.device("cpu"), log=lambda *a: None)
+    finally:
+        il2vseg.fuse = PRINTED_FUSE
+    model.eval()
+    return model, history[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval-time fusion (eq 13 on the prediction): the printed one and the candidate fixes
+# ----------------------------------------------------------------------------------------------
+
+def fused_unary(kind, codes, centres, size, low, alpha, scale=2.0):
+    """Cluster probabilities (B, K, H, W) fed to the CRF. low = F^l aligned to the probe's clusters.
+      none        softmax(2 cos)                                   no fusion (the protocol's default)
+      printed     evaluate.fused_probs: softmax((1-a) 2cos + a 2 F^l)   (eq 13 on the scores, as today)
+      keep-scale  softmax(((1-a) 2cos + a 2 F^l) / (1-a)) = softmax(2cos + a/(1-a) 2 F^l): the same argmax
+                  as printed, but the high-level scores keep their scale (the CRF sees unfused sharpness)
+      poe         softmax((1-a) log p + a log F^l): product of experts, geometric mean of the two maps
+      mix         (1-a) p + a F^l: mixture of the two probability maps"""
+    if kind == "none":
+        return evaluate.fused_probs(codes, centres, size)
+    if kind == "printed":
+        return evaluate.fused_probs(codes, centres, size, low, alpha, scale)
+    log_p = evaluate.cluster_log_probs(codes, centres, size=size, scale=scale)  # (B, K, H, W)
+    low = F.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)
+    if kind == "keep-scale":
+        return torch.softmax(log_p + alpha / (1 - alpha) * scale * low, dim=1)
+    if kind == "poe":
+        return torch.softmax((1 - alpha) * log_p + alpha * low.clamp_min(1e-6).log(), dim=1)
+    if kind == "mix":
+        return (1 - alpha) * log_p.exp() + alpha * low
+    raise ValueError(kind)
+
+
+def crf_many(images, probs_list, iterations=10):
+    """crf.dense_crf (the peers' constants) of several probability maps of the SAME images in one pass: the
+    kernels are linear per label channel, so the maps are stacked along the labels, the lattice is built
+    once, and the mean-field softmax is taken per map. images (B, 3, H, W) in [0, 1]."""
+    images, _ = crf.check_crf_inputs(images.clamp(0, 1) * 255, probs_list[0], iterations, 1.0, 3.0, 67.0, 3.0, 4.0)
+    kernels = [(3.0, crf.separable_gaussian_filter(1.0)), (4.0, crf.lattice_filter(crf.pixel_features(images, 67.0, 3.0)))]
+    n = probs_list[0].shape[1]
+    unary = crf.unary_from_probs(torch.cat(probs_list, 1).float()).permute(0, 2, 3, 1).contiguous()  # (B, H, W, U K)
+    group_softmax = lambda x: torch.softmax(x.unflatten(-1, (-1, n)), -1).flatten(-2)  # noqa: E731
+    terms = []
+    for compat, kernel_filter in kernels:
+        norm = torch.rsqrt(kernel_filter(torch.ones_like(unary[..., :1])) + 1e-20)
+        terms.append((norm, compat * norm, kernel_filter))
+    q = group_softmax(-unary)
+    for _ in range(iterations):
+        logits = -unary
+        for norm, compat_norm, kernel_filter in terms:
+            logits = torch.addcmul(logits, compat_norm, kernel_filter(norm * q))
+        q = group_softmax(logits)
+    return list(q.permute(0, 3, 1, 2).split(n, dim=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: one code pass, every probe, every unary, one CRF pass
+# ----------------------------------------------------------------------------------------------
+
+def flip_codes(head, feats, feats_flip):
+    """evaluate.flip_tta with the frozen features cached: (head(f(x)) + flip(head(f(flip x)))) / 2."""
+    with torch.no_grad():
+        return (head(feats) + head(feats_flip).flip(-1)) / 2
+
+
+def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf, batch=8):
+    """codes (N, D, h, w); probes {name: (K, D)}; lows {reading: F^l (N, K, h, w)} (unaligned);
+    unaries: list of (tag, kind, reading). Returns {probe: {tag: {before, after, entropy, maxp, changed}}}."""
+    out = {}
+    for name, centres in probes.items():
+        conf = {tag: [torch.zeros(K, K, dtype=torch.int64) for _ in range(2)] for tag, _, _ in unaries}
+        diag = {tag: np.zeros(3) for tag, _, _ in unaries}
+        for s in range(0, len(codes), batch):
+            c, im, lab = codes[s:s + batch], images[s:s + batch], labels[s:s + batch]
+            aligned = {r: il2vseg.align_clusters(low[s:s + batch], il2vseg.cosine_to_centres(c, centres))
+                       for r, low in lows.items()}
+            probs = [fused_unary(kind, c, centres, lab.shape[-2:], aligned.get(r), alpha) for _, kind, r in unaries]
+            refined = crf_many(im, probs) if use_crf else [None] * len(probs)
+            for (tag, _, _), p, q in zip(unaries, probs, refined):
+                pred = p.argmax(1)
+                conf[tag][0] += evaluate.confusion_matrix(pred, lab, K, K)
+                entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
+                changed = 0.0 if q is None else float((q.argmax(1) != pred).float().sum())
+                diag[tag] += [float(entropy.sum()), float(p.amax(1).sum()), changed]
+                if q is not None:
+                    conf[tag][1] += evaluate.confusion_matrix(q.argmax(1), lab, K, K)
+        n_pix = labels[0].numel() * len(codes)
+        out[name] = {tag: {"before": compact(evaluate.scores(conf[tag][0])),
+                           "after": compact(evaluate.scores(conf[tag][1])) if use_crf else None,
+                           "entropy": diag[tag][0] / n_pix, "maxp": diag[tag][1] / n_pix,
+                           "changed": diag[tag][2] / n_pix} for tag, _, _ in unaries}
+    return out
+
+
+def compact(s):
+    return {"acc": s["acc"], "miou": s["miou"], "iou": s["iou"]}
+
+
+def kmeans_probes(fit_codes, args):
+    """Cosine k-means on train codes (N, D, h, w), one probe per seed (best of --kmeans-restarts)."""
+    vectors = fit_codes.permute(0, 2, 3, 1).reshape(-1, fit_codes.shape[1])
+    return {f"kmeans{s}": evaluate.kmeans_cosine(vectors, K, seed=s, n_init=args.kmeans_restarts)[0]
+            for s in range(args.kmeans_seeds)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+def cell(values):
+    values = 100 * np.asarray(values, dtype=float)
+    return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values.mean():.1f}"
+
+
+def per_seed(records, probe_prefix, stage, key, tag="none"):
+    """Per training seed: the metric averaged over the probes starting with probe_prefix."""
+    seeds = sorted({r["seed"] for r in records})
+    return [np.mean([r["eval"][p][tag][stage][key] for r in records if r["seed"] == sd
+                     for p in r["eval"] if p.startswith(probe_prefix)]) for sd in seeds]
+
+
+def sweep_table(rows):
+    lines = ["| F^l reading | train α | k-means Acc | k-means mIoU | k-means+CRF Acc | k-means+CRF mIoU | "
+             "centres Acc | centres mIoU | centres+CRF Acc | centres+CRF mIoU | k-means seed std (mIoU / +CRF) |",
+             "|---|---|" + "---:|" * 9]
+    for label, alpha, records in rows:
+        cells = [cell(per_seed(records, probe, stage, key)) for probe in ("kmeans", "centres")
+                 for stage in ("before", "after") for key in ("acc", "miou")]
+        ks = [np.std([r["eval"][p]["none"][st]["miou"] for p in r["eval"] if p.startswith("kmeans")]) * 100
+              for st in ("before", "after") for r in records]
+        half = len(ks) // 2
+        lines.append(f"| {label} | {alpha} | " + " | ".join(cells) + f" | {np.mean(ks[:half]):.1f} / {np.mean(ks[half:]):.1f} |")
+    return "\n".join(lines)
+
+
+def delta_table(rows, base):
+    lines = ["| F^l reading | train α | Δ k-means mIoU | Δ k-means+CRF mIoU | Δ centres mIoU | Δ centres+CRF mIoU |",
+             "|---|---|---:|---:|---:|---:|"]
+    for label, alpha, records in rows:
+        cells = [cell(np.subtract(per_seed(records, p, st, "miou"), per_seed(base, p, st, "miou")))
+                 for p in ("kmeans", "centres") for st in ("before", "after")]
+        lines.append(f"| {label} | {alpha} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fusion_table(groups, probe):
+    lines = [f"| model (train α, F^l reading) | eval unary | Acc | mIoU | +CRF Acc | +CRF mIoU | CRF gain mIoU | "
+             f"entropy (nats) | max p | pixels the CRF changes |", "|---|---|" + "---:|" * 8]
+    for label, records, tags in groups:
+        for tag in tags:
+            get = lambda st, k: [r["eval"][p][tag][st][k] for r in records for p in r["eval"] if p.startswith(probe)]  # noqa: E731
+            diag = lambda k: np.mean([r["eval"][p][tag][k] for r in records for p in r["eval"] if p.startswith(probe)])  # noqa: E731
+            gain = np.subtract(get("after", "miou"), get("before", "miou"))
+            lines.append(f"| {label} | {tag} | {cell(get('before', 'acc'))} | {cell(get('before', 'miou'))} | "
+                         f"{cell(get('after', 'acc'))} | {cell(get('after', 'miou'))} | {cell(gain)} | "
+                         f"{diag('entropy'):.2f} | {diag('maxp'):.2f} | {100 * diag('changed'):.1f}% |")
+    return "\n".join(lines)
+
+
+def class_table(records, probe, tags, class_names):
+    head = "| class | " + " | ".join(f"{t} | {t}+CRF" for t in tags) + " |"
+    lines = [head, "|---|" + "---:|" * (2 * len(tags))]
+    for c, name in enumerate(class_names):
+        vals = []
+        for t in tags:
+            for st in ("before", "after"):
+                v = [r["eval"][p][t][st]["iou"][c] for r in records for p in r["eval"] if p.startswith(probe)]
+                vals.append(f"{100 * np.nanmean(np.array(v, dtype=float)):.1f}")
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    root = Path(args.root)
+    args.root = str(root if root.is_absolute() else (REPO_ROOT / root).resolve())
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.time()
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    alphas = [float(a) for a in args.alphas.split(",")]
+    affinities = args.affinities.split(",")
+    study_alphas = [float(a) for a in args.study_alphas.split(",")] if args.study_alphas else []
+    candidates = args.candidates.split(",") if args.candidates else []
+    if args.eval_alpha >= 1 and "keep-scale" in candidates:
+        raise SystemExit("--eval-alpha must be < 1 for keep-scale")
+
+    # frames, decoded once: val and the k-means fit set in eval geometry, train resized for random crops
+    val_images, val_labels = eval_frames(args.root, "val", args.crop, args.val_frames)
+    fit_images, fit_labels = eval_frames(args.root, "train", args.crop, args.fit_frames)
+    stats_images = fit_images[torch.linspace(0, len(fit_images) - 1, min(32, len(fit_images))).long()]
+    backbone = StandIn(stats_images)
+    if args.standin == "lda":
+        backbone.lda = fit_lda(backbone, fit_images, fit_labels)  # LABEL LEAKAGE (train labels)
+        backbone = StandIn(stats_images, lda=backbone.lda)
+    backbone.eval()
+    feats = lambda x: backbones.features(backbone, x)  # noqa: E731
+    val_f, val_ff = feats(val_images), feats(val_images.flip(-1))
+    fit_f, fit_ff = feats(fit_images), feats(fit_images.flip(-1))
+    low_cfg = dict(n_clusters=K, sigma=args.fcm_sigma, patch=8, radius=args.radius)
+    lows = {a: fcm.low_level_cue(val_images, affinity=a, **low_cfg) for a in affinities}
+    unit = F.normalize(val_f.flatten(2), dim=1)
+    cos_in = float(torch.einsum("bdn,bdm->bnm", unit, unit).mean())
+    cos_across = float(torch.einsum("bdn,bdm->bnm", unit, unit.roll(1, 0)).mean())
+    say(f"stand-in '{args.standin}': {backbone.dim} channels at stride 8; mean feature cosine within an image "
+        f"{cos_in:.2f}, across images {cos_across:.2f}; {len(val_images)} val frames, {len(fit_images)} k-means fit "
+        f"frames, crop {args.crop} ({time.time() - started:.0f} s)")
+
+    # 1. raw-feature baseline: k-means on the stand-in's features, no training
+    raw_codes = (val_f + val_ff.flip(-1)) / 2
+    raw = evaluate_codes(raw_codes, kmeans_probes((fit_f + fit_ff.flip(-1)) / 2, args), val_images, val_labels,
+                         {}, [("none", "none", None)], 0.0, not args.no_crf)
+    say(f"raw-feature baseline done ({time.time() - started:.0f} s)")
+
+    # 2. the sweep: alpha 0 is shared by every reading (F^l gets weight 0); 3. fusion study on some models
+    variants = [("—", 0.0, affinities[0])] if 0.0 in alphas else []
+    variants += [(a, alpha, a) for a in affinities for alpha in alphas if alpha > 0]
+    records = []
+    workdir = Path(tempfile.mkdtemp(prefix="camvid_pipeline_"))
+    for seed in range(args.seeds):
+        for label, alpha, affinity in variants:
+            tic = time.time()
+            model, last = train_model(args, backbone, seed, alpha, affinity, workdir)
+            codes = flip_codes(model.head, val_f, val_ff)
+            probes = kmeans_probes(flip_codes(model.head, fit_f, fit_ff), args)
+            probes["centres"] = model.global_centres.detach().clone()
+            unaries = [("none", "none", None)]
+            if alpha in study_alphas:
+                readings = affinities if alpha == 0 else [affinity]
+                unaries += [(f"{kind} [{r}]", kind, r) for r in readings for kind in candidates]
+            result = evaluate_codes(codes, probes, val_images, val_labels, lows, unaries, args.eval_alpha,
+                                    not args.no_crf)
+            records.append({"label": label, "alpha": alpha, "affinity": affinity, "seed": seed, "eval": result,
+                            "last_losses": last, "seconds": time.time() - tic})
+            km = np.mean([result[p]["none"]["after" if not args.no_crf else "before"]["miou"] for p in result
+                          if p.startswith("kmeans")])
+            say(f"seed {seed} reading {label} alpha {alpha}: k-means mIoU {100 * km:.1f} "
+                f"({time.time() - tic:.0f} s, total {time.time() - started:.0f} s)")
+
+    # tables
+    class_names = data.DATASETS["camvid"]["class_names"]
+    settings = {k: v for k, v in vars(args).items()}
+    print(f"\n## CamVid pipeline, stand-in '{args.standin}' (fusion-in {args.fusion_in}, F^l scale {args.fl_scale}, "
+          f"radius {args.radius}, sigma {args.fcm_sigma})\n")
+    print(f"{args.steps} steps x batch {args.batch_size}, crop {args.crop} (train random crop of {args.train_frames} "
+          f"frames resized to short side {args.crop}; eval centre crop), {len(val_images)} val frames evenly spaced, "
+          f"k-means fit on {len(fit_images)} train frames, {args.seeds} training seeds x {args.kmeans_seeds} k-means "
+          f"seeds; cells are mean ± std over training seeds (k-means: of the per-seed mean over k-means seeds); "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print("Raw-feature baseline (k-means on the stand-in's features, no training):\n")
+    base_vals = {f"{st} {k}": cell([raw[p]["none"][st][k] for p in raw]) for st in ("before", "after")
+                 if not (args.no_crf and st == "after") for k in ("acc", "miou")}
+    print("| " + " | ".join(base_vals) + " |\n|" + "---:|" * len(base_vals) + "\n| " + " | ".join(base_vals.values()) + " |\n")
+    rows = [(lab, a, [r for r in records if r["label"] == lab and r["alpha"] == a]) for lab, a, _ in variants]
+    if not args.no_crf:
+        print("Alpha sweep (Figure 5), evaluated with the protocol (no eval-time fusion):\n")
+        print(sweep_table(rows) + "\n")
+        if rows and rows[0][1] == 0.0:
+            print("Paired difference to alpha 0 (same training seed), mIoU points:\n")
+            print(delta_table(rows[1:], rows[0][2]) + "\n")
+        groups = []
+        for lab, a, recs in rows:
+            tags = sorted({t for r in recs for p in r["eval"] for t in r["eval"][p]}, key=lambda t: (t != "none", t))
+            if len(tags) > 1:
+                groups.append((f"α {a}, {lab}", recs, tags))
+        for probe in ("kmeans", "centres"):
+            if groups:
+                print(f"Eval-time fusion, eq (13) at eval alpha {args.eval_alpha}, probe {probe}:\n")
+                print(fusion_table(groups, probe) + "\n")
+        if groups:
+            print(f"Per-class IoU, probe k-means, {groups[0][0]}:\n")
+            print(class_table(groups[0][1], "kmeans", [t for t in groups[0][2] if t.split(" ")[0] in
+                                                       ("none", "printed", "keep-scale", "poe")], class_names) + "\n")
+    elapsed = time.time() - started
+    print(f"wall time {elapsed:.0f} s")
+    payload = {"settings": settings, "standin_cosine": {"within": cos_in, "across": cos_across},
+               "baseline_raw_features": raw, "runs": records, "wall_seconds": elapsed,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    Path(args.out).write_text(json.dumps(payload, default=float, indent=1))
+    print(f"raw numbers: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
