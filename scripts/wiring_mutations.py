@@ -1,0 +1,120 @@
+"""Do the wiring tests notice a wrong call? One-line mistakes at call sites, each tried alone.
+
+For every mutation below (a realistic one-line mistake: a constant swapped, a tensor passed to the
+wrong call, a switch ignored) the script copies the repository's tracked files into a temporary
+folder, applies the mistake, runs tests/test_wiring.py (then the whole suite if the wiring tests miss
+it) and prints which test failed first. A mutation that no test notices is a hole in the tests.
+
+    python scripts/wiring_mutations.py            # all mutations (about 10 minutes on 2 CPU cores)
+    python scripts/wiring_mutations.py --only 3   # one of them
+"""
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (file, the line as it is, the mistake)
+MUTATIONS = [
+    ("il2vseg.py", "f_fused = fuse(f_seg, f_low, cfg.alpha)", "f_fused = fuse(f_seg, f_low, 0.0)"),
+    ("il2vseg.py", "augmented = data.photometric_augment(images, generator=generator)",
+     "augmented = images + 0 * data.photometric_augment(images, generator=generator)"),
+    ("il2vseg.py", "total, values = losses.total_loss(terms, beta=cfg.beta, gamma=cfg.gamma,",
+     "total, values = losses.total_loss(terms, beta=cfg.gamma, gamma=cfg.beta,"),
+    ("il2vseg.py", "ema_update(model.global_centres, model.local_centres, cfg.ema)",
+     "ema_update(model.global_centres, model.local_centres, 1 - cfg.ema)"),
+    ("il2vseg.py", "losses.smoothness_loss(feats, probs, cfg.shift_close, cfg.shift_far, perm=perm)",
+     "losses.smoothness_loss(feats, probs, cfg.shift_far, cfg.shift_close, perm=perm)"),
+    ("cli.py", 'cfg.corr_shifts, cfg.corr_weights = constants["stego_shifts"], constants["stego_weights"]',
+     'cfg.corr_shifts, cfg.corr_weights = constants["stego_weights"], constants["stego_shifts"]'),
+    ("cli.py", "constants = losses.loss_constants(cfg.data, cfg.arch)", 'constants = losses.loss_constants(cfg.data)'),
+    ("il2vseg.py", "probs = torch.softmax(scores / cfg.smooth_temperature, dim=1)",
+     "probs = torch.softmax(scores, dim=1)"),
+    ("il2vseg.py", "terms = {\"data\": losses.data_loss(inner_local, scores)}",
+     "terms = {\"data\": losses.data_loss(inner_local, inner_local)}"),
+    ("il2vseg.py", "inner_local = cosine_to_centres(codes.detach(), model.local_centres)",
+     "inner_local = cosine_to_centres(codes.detach(), model.global_centres)"),
+    ("il2vseg.py", "f_seg = cosine_to_centres(codes, model.global_centres)",
+     "f_seg = cosine_to_centres(codes, model.local_centres.detach())"),
+    ("il2vseg.py", "corr = losses.correspondence_terms(feats, codes, feats_aug, codes_aug, shifts=cfg.corr_shifts,",
+     "corr = losses.correspondence_terms(feats, codes, feats, codes, shifts=cfg.corr_shifts,"),
+    ("il2vseg.py", "codes, codes_aug = codes_both[:B], codes_both[B:]", "codes_aug, codes = codes_both[:B], codes_both[B:]"),
+    ("il2vseg.py", "small = F.interpolate(images, size=f_low.shape[2:], mode=\"bilinear\", align_corners=False)",
+     "small = F.interpolate(augmented, size=f_low.shape[2:], mode=\"bilinear\", align_corners=False)"),
+    ("il2vseg.py", "use_data=cfg.use_smo,", "use_data=True,"),
+    ("il2vseg.py", "scores = f_fused if cfg.fusion_in == \"all\" else f_seg", "scores = f_seg"),
+    ("il2vseg.py", "{\"params\": [model.local_centres], \"lr\": cfg.lr_centres}]",
+     "{\"params\": [model.local_centres], \"lr\": cfg.lr_head}]"),
+    ("il2vseg.py", "patch=stride, affinity=cfg.affinity, radius=cfg.radius, max_iter=cfg.fcm_iters)",
+     "patch=stride, affinity=cfg.affinity, radius=cfg.radius, max_iter=20)"),
+    ("il2vseg.py", "n_clusters=n_clusters, m=cfg.fcm_m, sigma=cfg.fcm_sigma,", "n_clusters=n_clusters, m=cfg.fcm_m, sigma=0.1,"),
+    ("il2vseg.py", "return evaluate.run_protocol(make_code_fn(backbone, model), model.global_centres, datasets, cfg, device,",
+     "return evaluate.run_protocol(make_code_fn(backbone, model), model.local_centres.detach(), datasets, cfg, device,"),
+    ("il2vseg.py", "return lambda images, codes, centres: align_clusters(low_level(images), cosine_to_centres(codes, centres))",
+     "return lambda images, codes, centres: low_level(images)"),
+    ("evaluate.py", "vectors = collect_codes(code_fn, loader(val_set if cfg.kmeans_fit == \"val\" else fit_set), device,",
+     "vectors = collect_codes(code_fn, loader(val_set), device,"),
+    ("evaluate.py", "centres, _, loss = kmeans_cosine(vectors, n_classes, seed=cfg.seed + s, n_init=cfg.kmeans_restarts)",
+     "centres, _, loss = kmeans_cosine(vectors, n_classes, seed=cfg.seed, n_init=cfg.kmeans_restarts)"),
+    ("evaluate.py", "centres, _, loss = kmeans_cosine(vectors, n_classes, seed=cfg.seed + s, n_init=cfg.kmeans_restarts)",
+     "centres, _, loss = kmeans_cosine(vectors, n_classes, seed=cfg.seed + s, n_init=1)"),
+    ("evaluate.py", "result = evaluate(code_fn, loader(val_set), n_classes, probes, device, use_crf=not cfg.no_crf, flip=cfg.flip_tta,",
+     "result = evaluate(code_fn, loader(val_set), n_classes, probes, device, use_crf=not cfg.no_crf, flip=True,"),
+    ("evaluate.py", "result = evaluate(code_fn, loader(val_set), n_classes, probes, device, use_crf=not cfg.no_crf, flip=cfg.flip_tta,",
+     "result = evaluate(code_fn, loader(val_set), n_classes, probes, device, use_crf=True, flip=cfg.flip_tta,"),
+    ("evaluate.py", "low_level_fn=low_level_fn, alpha=cfg.eval_alpha, keep=cfg.save_images)",
+     "low_level_fn=low_level_fn, alpha=0.0, keep=cfg.save_images)"),
+    ("evaluate.py", "vectors = collect_codes(code_fn, loader(val_set if cfg.kmeans_fit == \"val\" else fit_set), device,\n                                flip=cfg.flip_tta)",
+     "vectors = collect_codes(code_fn, loader(val_set if cfg.kmeans_fit == \"val\" else fit_set), device,\n                                flip=False)"),
+    ("evaluate.py", "pred_crf = refine_with_crf(images, probs, crf_kwargs).argmax(dim=1)  # (B, H, W)",
+     "pred_crf = refine_with_crf(images, fused_probs(codes, centres, labels.shape[-2:], None, 0.0, scale), crf_kwargs).argmax(dim=1)"),
+    ("il2vseg.py", "f_low = align_clusters(f_low, f_seg.detach(), temperature)", "f_low = align_clusters(f_low, f_seg.detach())"),
+]
+
+
+def run(folder, tests):
+    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                            cwd=folder, capture_output=True, text=True)
+    failed = re.findall(r"^FAILED (\S+)", result.stdout, re.MULTILINE)
+    return result.returncode, failed[0] if failed else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", type=int, default=None, help="run only mutation number N (1-based)")
+    args = parser.parse_args()
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    chosen = list(enumerate(MUTATIONS, 1))
+    if args.only:
+        chosen = [chosen[args.only - 1]]
+    holes = 0
+    for number, (name, old, new) in chosen:
+        with tempfile.TemporaryDirectory() as folder:
+            for path in tracked:
+                (Path(folder) / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / path, Path(folder) / path)
+            source = (Path(folder) / name).read_text()
+            if source.count(old) != 1:
+                print(f"{number:2d} {name}: the line to mutate is not there exactly once: {old!r}")
+                holes += 1
+                continue
+            (Path(folder) / name).write_text(source.replace(old, new))
+            code, failed = run(folder, ["tests/test_wiring.py"])
+            where = "wiring"
+            if code == 0:
+                code, failed = run(folder, ["tests"])
+                where = "suite"
+        caught = code != 0
+        holes += not caught
+        print(f"{number:2d} {name}: {new.strip()[:90]!r}\n   -> {'caught by ' + where + ': ' + str(failed) if caught else 'NOT CAUGHT'}",
+              flush=True)
+    print(f"{len(chosen) - holes} of {len(chosen)} mutations caught")
+    return 1 if holes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
