@@ -353,11 +353,14 @@ class WeightsError(RuntimeError):
 
 
 def describe(error):
-    """'TypeName: first line of its message' (never fails, also for an empty message)."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    unsupported = [line.strip() for line in lines if "Unsupported global" in line]
-    line = (unsupported or lines or [""])[0].strip()[:200]
-    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+    """'TypeName: first line of its message' (never fails, also for an empty message). For torch.load's
+    refusals, whose first lines are about torch's defaults, the line that says why."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        reasons = [line.split("WeightsUnpickler error:")[-1].strip() for line in lines[1:]
+                   if not line.startswith(("(1)", "(2)", "Please file", "Check the"))]
+        lines = [reason for reason in reasons if reason] or lines
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 def offline_hint(arch):

@@ -41,9 +41,14 @@ class CheckpointError(RuntimeError):
 
 
 def first_line(error):
-    """'TypeName: first line of the message' (200 characters at most), also for empty messages."""
-    lines = str(error).strip().splitlines()
-    text = lines[0].strip()[:200] if lines else ""
+    """'TypeName: first line of the message' (200 characters at most), also for empty messages. For
+    torch.load's refusals, whose first lines are about torch's defaults, the line that says why."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        reasons = [line.split("WeightsUnpickler error:")[-1].strip() for line in lines[1:]
+                   if not line.startswith(("(1)", "(2)", "Please file", "Check the"))]
+        lines = [reason for reason in reasons if reason] or lines
+    text = lines[0][:200] if lines else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -99,6 +104,8 @@ def save_checkpoint(state, path):
 def load_checkpoint(path):
     """The checkpoint at `path` as a dict, checked entry by entry (CheckpointError, one line)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint (train first, or point --checkpoint at one)")
     if path.stat().st_size == 0:

@@ -28,9 +28,16 @@ class DefaultsFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
+class Parser(argparse.ArgumentParser):
+    """An unknown flag or a value of the wrong type is one line too (argparse prints its usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="IL2Vseg: unsupervised semantic segmentation with low-level visual cues.",
-                                formatter_class=DefaultsFormatter)
+    p = Parser(description="IL2Vseg: unsupervised semantic segmentation with low-level visual cues.",
+               formatter_class=DefaultsFormatter)
     a = p.add_argument_group("what to do")
     a.add_argument("--train", action="store_true", help="train the head and centres, then evaluate")
     a.add_argument("--eval", action="store_true", help="evaluate --checkpoint (or OUT/checkpoint.pt) on the val split")

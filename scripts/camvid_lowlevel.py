@@ -2,7 +2,8 @@
 
 Segments every image of a CamVid split on its feature grid (image / 8, i.e. 60 x 45 for 480 x 360)
 into K = 11 clusters with
-  (a) the low-level branch: spatial FCM + colour affinity, argmax of F_l (eq 12),
+  (a) the low-level branch: spatial FCM + colour affinity, argmax of F_l (eq 12), with the affinity over
+      all pixel pairs (global, eqs 9-11 as printed) and over windows of neighbours (local, --radii),
   (b) plain FCM: no spatial term (eqs 5-6 skipped), no affinity, argmax of P,
   (c) plain k-means on colour (a tiny torch k-means below),
 plus two ablations (spatial FCM without affinity; plain FCM with affinity), upsamples each
@@ -43,6 +44,8 @@ def parse_args():
     parser.add_argument("--m", type=float, default=2.0, help="FCM fuzzifier m")
     parser.add_argument("--sigma", type=float, default=fcm.DEFAULT_SIGMA, help="colour affinity sigma (eq 10)")
     parser.add_argument("--max-iter", type=int, default=fcm.DEFAULT_MAX_ITER, help="FCM / k-means iteration cap")
+    parser.add_argument("--radii", default="1,3,5,10",
+                        help="window radii of the local reading of eqs (9)-(12) to compare (comma-separated)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     return parser.parse_args()
@@ -124,7 +127,10 @@ def main():
     K = N_CLASSES
     common = dict(m=args.m, max_iter=args.max_iter, seed=args.seed, patch=args.patch)
     methods = {
-        "(a) spatial FCM + affinity (F_l)": lambda im: fcm.low_level_cue(im, K, sigma=args.sigma, **common),
+        "(a) spatial FCM + global affinity": lambda im: fcm.low_level_cue(im, K, sigma=args.sigma, **common),
+        **{f"    spatial FCM + local affinity r={r}":
+           (lambda im, r=r: fcm.low_level_cue(im, K, sigma=args.sigma, affinity="local", radius=r, **common))
+           for r in map(int, args.radii.split(","))},
         "(b) plain FCM (P)": lambda im: fcm.low_level_cue(im, K, spatial=False, affinity=False, **common),
         "(c) k-means on colour": None,
         "    spatial FCM, no affinity (P)": lambda im: fcm.low_level_cue(im, K, affinity=False, **common),

@@ -77,9 +77,9 @@ MUTATIONS = [
 
 
 def run(folder, tests):
-    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests],
                             cwd=folder, capture_output=True, text=True)
-    failed = re.findall(r"^FAILED (\S+)", result.stdout, re.MULTILINE)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.MULTILINE)
     return result.returncode, failed[0] if failed else None
 
 
