@@ -21,13 +21,15 @@ What it prints (markdown) and writes (--out JSON):
   3. eq (13) at evaluation (--eval-alpha): the printed fusion and candidate rewrites of
      evaluate.fused_probs, with the sharpness of the unary fed to the CRF and how much the CRF changes.
 Expensive parts are shared: frames are decoded once, the stand-in's eval features and F^l are cached,
-one code pass feeds every probe, and one CRF pass (one lattice) refines every candidate unary at once.
+one code pass feeds every probe, and one CRF lattice per batch of frames serves every probe and candidate unary.
 
     python scripts/camvid_pipeline.py [--root ../shared/data/camvid] [--out /tmp/camvid_pipeline.json]
 """
 import argparse
+import concurrent.futures
 import importlib
 import json
+import multiprocessing
 import math
 import platform
 import sys
@@ -70,15 +72,26 @@ def parse_args(argv=None):
     p.add_argument("--kmeans-restarts", type=int, default=3, help="k-means runs per seed (lowest loss kept)")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="training alphas of eq (13)")
     p.add_argument("--affinities", default="global,local", help="readings of eqs 9-12: global, local, none")
-    p.add_argument("--radius", type=int, default=2, help="window radius of --affinity local (grid cells)")
+    p.add_argument("--radius", type=int, default=1, help="window radius of --affinity local, grid cells (1 at crop 160 = the "
+                   "extent of the project default 3 at crop 320, and eq (5)'s 3x3 neighbourhood)")
     p.add_argument("--fcm-sigma", type=float, default=0.1, help="sigma of eq (10)")
     p.add_argument("--fusion-in", choices=["fs", "all"], default="all", help="where F^f is used in training")
     p.add_argument("--fl-scale", choices=["printed", "range"], default="printed",
                    help="F^l in eq (13) as printed ([0, 1]) or mapped onto the cosines' range (2 F^l - 1)")
+    p.add_argument("--align", choices=["hard", "soft"], default="hard",
+                   help="F^l's clusters matched to the head's in TRAINING: Hungarian permutation (il2vseg.align_clusters) "
+                        "or soft many-to-one map (soft_align)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="EMA momentum of the global centres (default 0.998 ** (3000 / steps): the paper's total decay)")
     p.add_argument("--eval-alpha", type=float, default=0.5, help="alpha of the eval-time fusion study")
     p.add_argument("--study-alphas", default="0,0.5", help="training alphas whose models get the fusion study")
-    p.add_argument("--candidates", default="printed,keep-scale,poe,mix", help="eval-time fusions compared")
+    p.add_argument("--candidates", default="printed,keep-scale,poe,keep-scale+soft",
+                   help="eval-time fusions compared (printed, keep-scale, poe, mix; '+soft': soft_align instead of "
+                        "the Hungarian permutation)")
     p.add_argument("--no-crf", action="store_true")
+    p.add_argument("--workers", type=int, default=2, help="training runs in parallel (forked processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: no thread thrashing "
+                   "when the cores are shared)")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     return p.parse_args(argv)
 
@@ -197,31 +210,46 @@ cached_train_set.cache = {}
 # Training: il2vseg.train as it is (eq 13 optionally with F^l mapped onto the cosines' range)
 # ----------------------------------------------------------------------------------------------
 
-PRINTED_FUSE = il2vseg.fuse
+PRINTED_FUSE, HARD_ALIGN = il2vseg.fuse, il2vseg.align_clusters
 
 
 def range_fuse(f_seg, f_low, alpha=0.5, temperature=0.1):
     """eq (13) with F^l mapped from [0, 1] onto the cosines' [-1, 1]: (1 - a) F^seg + a (2 F^l - 1)."""
     if alpha > 0:
-        f_low = il2vseg.align_clusters(f_low, f_seg.detach(), temperature)
+        f_low = il2vseg.align_clusters(f_low, f_seg.detach(), temperature)  # (patched to soft_align by --align soft)
     return (1 - alpha) * f_seg + alpha * (2 * f_low - 1)
+
+
+@torch.no_grad()
+def soft_align(low_level, seg_scores, temperature=0.1):
+    """F^l re-expressed in the head's clusters by a soft many-to-one map instead of a permutation:
+    O[k, j] = sum_pixels softmax(F^seg / T)[k] F^l[j] (the overlap align_clusters matches), M[k, j] = O[k, j] /
+    sum_k O[k, j] = P(head cluster k | FCM cluster j), F^l'[k] = sum_j M[k, j] F^l[j] (still sums to 1 over k).
+    An image shows few of the K classes, so a permutation must send some FCM colour clusters to head clusters
+    absent from the image; this map sends each FCM cluster where its pixels actually are."""
+    probs = torch.softmax(seg_scores.float() / temperature, dim=1)  # (B, K, h, w)
+    overlap = torch.einsum("bkhw,bjhw->bkj", probs, low_level.float())  # (B, K, J)
+    mapping = overlap / overlap.sum(dim=1, keepdim=True).clamp_min(1e-12)  # columns sum to 1
+    return torch.einsum("bkj,bjhw->bkhw", mapping, low_level.float())
 
 
 def train_model(args, backbone, seed, alpha, affinity, workdir):
     cli = il2vseg if hasattr(il2vseg, "parse_args") else importlib.import_module("cli")  # the command line's home
     cfg = cli.parse_args(["--data", "camvid", "--arch", "vits8"])
     cli.resolve_defaults(cfg, torch.device("cpu"))  # the peers' loss constants, every field filled
-    vars(cfg).update(steps=args.steps, batch_size=args.batch_size, crop=args.crop, eval_crop=args.crop, seed=seed,
+    ema = args.ema if args.ema is not None else 0.998 ** (3000 / args.steps)  # as much decay as 3000 steps at 0.998
+    vars(cfg).update(ema=ema, steps=args.steps, batch_size=args.batch_size, crop=args.crop, eval_crop=args.crop, seed=seed,
                      alpha=alpha, affinity=affinity, radius=args.radius, fcm_sigma=args.fcm_sigma,
                      fusion_in=args.fusion_in, out=str(workdir / f"run_{seed}_{affinity}_{alpha}"),
                      save_every=args.steps, log_every=10 ** 9, num_workers=0, resume=None)
     train_set = cached_train_set(args.root, args.crop, args.train_frames, seed)
     model = il2vseg.build_model(cfg, backbone, K, torch.device("cpu"))
     il2vseg.fuse = range_fuse if args.fl_scale == "range" else PRINTED_FUSE  # read by il2vseg.loss_terms
+    il2vseg.align_clusters = soft_align if args.align == "soft" else HARD_ALIGN  # read by il2vseg.fuse
     try:
         history = il2vseg.train(backbone, model, train_set, cfg, torch.device("cpu"), log=lambda *a: None)
     finally:
-        il2vseg.fuse = PRINTED_FUSE
+        il2vseg.fuse, il2vseg.align_clusters = PRINTED_FUSE, HARD_ALIGN
     model.eval()
     return model, history[-1]
 
@@ -253,26 +281,12 @@ def fused_unary(kind, codes, centres, size, low, alpha, scale=2.0):
     raise ValueError(kind)
 
 
-def crf_many(images, probs_list, iterations=10):
-    """crf.dense_crf (the peers' constants) of several probability maps of the SAME images in one pass: the
-    kernels are linear per label channel, so the maps are stacked along the labels, the lattice is built
-    once, and the mean-field softmax is taken per map. images (B, 3, H, W) in [0, 1]."""
-    images, _ = crf.check_crf_inputs(images.clamp(0, 1) * 255, probs_list[0], iterations, 1.0, 3.0, 67.0, 3.0, 4.0)
-    kernels = [(3.0, crf.separable_gaussian_filter(1.0)), (4.0, crf.lattice_filter(crf.pixel_features(images, 67.0, 3.0)))]
-    n = probs_list[0].shape[1]
-    unary = crf.unary_from_probs(torch.cat(probs_list, 1).float()).permute(0, 2, 3, 1).contiguous()  # (B, H, W, U K)
-    group_softmax = lambda x: torch.softmax(x.unflatten(-1, (-1, n)), -1).flatten(-2)  # noqa: E731
-    terms = []
-    for compat, kernel_filter in kernels:
-        norm = torch.rsqrt(kernel_filter(torch.ones_like(unary[..., :1])) + 1e-20)
-        terms.append((norm, compat * norm, kernel_filter))
-    q = group_softmax(-unary)
-    for _ in range(iterations):
-        logits = -unary
-        for norm, compat_norm, kernel_filter in terms:
-            logits = torch.addcmul(logits, compat_norm, kernel_filter(norm * q))
-        q = group_softmax(logits)
-    return list(q.permute(0, 3, 1, 2).split(n, dim=1))
+def crf_kernels(images):
+    """The CRF's two kernels (crf.dense_crf with the peers' constants) for images (B, 3, H, W) in [0, 1]: the
+    lattice is built once per batch and reused for every probe and unary (crf.run_crf(probs, kernels, 10)
+    then equals crf.dense_crf(images * 255, probs))."""
+    images = images.clamp(0, 1) * 255
+    return [(3.0, crf.separable_gaussian_filter(1.0)), (4.0, crf.lattice_filter(crf.pixel_features(images, 67.0, 3.0)))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,31 +301,37 @@ def flip_codes(head, feats, feats_flip):
 
 def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf, batch=8):
     """codes (N, D, h, w); probes {name: (K, D)}; lows {reading: F^l (N, K, h, w)} (unaligned);
-    unaries: list of (tag, kind, reading). Returns {probe: {tag: {before, after, entropy, maxp, changed}}}."""
-    out = {}
-    for name, centres in probes.items():
-        conf = {tag: [torch.zeros(K, K, dtype=torch.int64) for _ in range(2)] for tag, _, _ in unaries}
-        diag = {tag: np.zeros(3) for tag, _, _ in unaries}
-        for s in range(0, len(codes), batch):
-            c, im, lab = codes[s:s + batch], images[s:s + batch], labels[s:s + batch]
-            aligned = {r: il2vseg.align_clusters(low[s:s + batch], il2vseg.cosine_to_centres(c, centres))
-                       for r, low in lows.items()}
-            probs = [fused_unary(kind, c, centres, lab.shape[-2:], aligned.get(r), alpha) for _, kind, r in unaries]
-            refined = crf_many(im, probs) if use_crf else [None] * len(probs)
-            for (tag, _, _), p, q in zip(unaries, probs, refined):
+    unaries: list of (tag, kind, reading). Returns {probe: {tag: {before, after, entropy, maxp, changed}}}:
+    scores before / after the CRF, and the unary's mean entropy, mean max probability and the fraction of
+    pixels whose argmax the CRF changes."""
+    conf = {(n, t): [torch.zeros(K, K, dtype=torch.int64) for _ in range(2)] for n in probes for t, _, _ in unaries}
+    diag = {(n, t): np.zeros(3) for n in probes for t, _, _ in unaries}
+    for s in range(0, len(codes), batch):
+        c, im, lab = codes[s:s + batch], images[s:s + batch], labels[s:s + batch]
+        kernels = crf_kernels(im) if use_crf else None
+        for name, centres in probes.items():
+            scores = il2vseg.cosine_to_centres(c, centres)
+            aligned = {}  # F^l's clusters matched to this probe's: Hungarian (as in training) or soft_align
+            for tag, kind, reading in unaries:
+                kind, _, soft = kind.partition("+")
+                if reading is not None and (reading, soft) not in aligned:
+                    align = soft_align if soft else HARD_ALIGN
+                    aligned[reading, soft] = align(lows[reading][s:s + batch], scores)
+                p = fused_unary(kind, c, centres, lab.shape[-2:], aligned.get((reading, soft)), alpha)  # (B, K, H, W)
                 pred = p.argmax(1)
-                conf[tag][0] += evaluate.confusion_matrix(pred, lab, K, K)
+                conf[name, tag][0] += evaluate.confusion_matrix(pred, lab, K, K)
                 entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
-                changed = 0.0 if q is None else float((q.argmax(1) != pred).float().sum())
-                diag[tag] += [float(entropy.sum()), float(p.amax(1).sum()), changed]
-                if q is not None:
-                    conf[tag][1] += evaluate.confusion_matrix(q.argmax(1), lab, K, K)
-        n_pix = labels[0].numel() * len(codes)
-        out[name] = {tag: {"before": compact(evaluate.scores(conf[tag][0])),
-                           "after": compact(evaluate.scores(conf[tag][1])) if use_crf else None,
-                           "entropy": diag[tag][0] / n_pix, "maxp": diag[tag][1] / n_pix,
-                           "changed": diag[tag][2] / n_pix} for tag, _, _ in unaries}
-    return out
+                changed = 0.0
+                if use_crf:
+                    pred_crf = crf.run_crf(p, kernels, 10).argmax(1)
+                    conf[name, tag][1] += evaluate.confusion_matrix(pred_crf, lab, K, K)
+                    changed = float((pred_crf != pred).float().sum())
+                diag[name, tag] += [float(entropy.sum()), float(p.amax(1).sum()), changed]
+    n_pix = labels[0].numel() * len(codes)
+    return {n: {t: {"before": compact(evaluate.scores(conf[n, t][0])),
+                    "after": compact(evaluate.scores(conf[n, t][1])) if use_crf else None,
+                    "entropy": diag[n, t][0] / n_pix, "maxp": diag[n, t][1] / n_pix, "changed": diag[n, t][2] / n_pix}
+                for t, _, _ in unaries} for n in probes}
 
 
 def compact(s):
@@ -396,11 +416,35 @@ def class_table(records, probe, tags, class_names):
 # The run
 # ----------------------------------------------------------------------------------------------
 
+CTX = {}  # what every training run shares (filled by main before the worker processes fork)
+
+
+def run_one(job):
+    """Train one model (seed, reading, alpha), then evaluate every probe and unary on the cached val frames."""
+    seed, label, alpha, affinity = job
+    args, tic = CTX["args"], time.time()
+    torch.set_num_threads(args.threads)
+    val_f, val_ff, val_images, val_labels = CTX["val"]
+    model, last = train_model(args, CTX["backbone"], seed, alpha, affinity, CTX["workdir"])
+    codes = flip_codes(model.head, val_f, val_ff)
+    probes = kmeans_probes(flip_codes(model.head, *CTX["fit"]), args)
+    probes["centres"] = model.global_centres.detach().clone()
+    unaries = [("none", "none", None)]
+    study_alphas, candidates = CTX["study"]
+    if alpha in study_alphas:  # the alpha-0 model is studied with every reading's F^l
+        readings = CTX["affinities"] if alpha == 0 else [affinity]
+        unaries += [(f"{kind} [{r}]", kind, r) for r in readings for kind in candidates]
+    result = evaluate_codes(codes, probes, val_images, val_labels, CTX["lows"], unaries, args.eval_alpha,
+                            not args.no_crf)
+    return {"label": label, "alpha": alpha, "affinity": affinity, "seed": seed, "eval": result,
+            "last_losses": last, "seconds": time.time() - tic}
+
+
 def main(argv=None):
     args = parse_args(argv)
     root = Path(args.root)
     args.root = str(root if root.is_absolute() else (REPO_ROOT / root).resolve())
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     started = time.time()
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     alphas = [float(a) for a in args.alphas.split(",")]
@@ -423,7 +467,10 @@ def main(argv=None):
     val_f, val_ff = feats(val_images), feats(val_images.flip(-1))
     fit_f, fit_ff = feats(fit_images), feats(fit_images.flip(-1))
     low_cfg = dict(n_clusters=K, sigma=args.fcm_sigma, patch=8, radius=args.radius)
-    lows = {a: fcm.low_level_cue(val_images, affinity=a, **low_cfg) for a in affinities}
+    # F^l of the val frames per reading, in batches of 8 as the protocol computes it (FCM's seeded
+    # initialisation of an image depends on its place in the batch)
+    lows = {a: torch.cat([fcm.low_level_cue(val_images[s:s + 8], affinity=a, **low_cfg)
+                          for s in range(0, len(val_images), 8)]) for a in affinities}
     unit = F.normalize(val_f.flatten(2), dim=1)
     cos_in = float(torch.einsum("bdn,bdm->bnm", unit, unit).mean())
     cos_across = float(torch.einsum("bdn,bdm->bnm", unit, unit.roll(1, 0)).mean())
@@ -440,33 +487,34 @@ def main(argv=None):
     # 2. the sweep: alpha 0 is shared by every reading (F^l gets weight 0); 3. fusion study on some models
     variants = [("—", 0.0, affinities[0])] if 0.0 in alphas else []
     variants += [(a, alpha, a) for a in affinities for alpha in alphas if alpha > 0]
+    jobs = [(seed, label, alpha, affinity) for seed in range(args.seeds) for label, alpha, affinity in variants]
+    cached_train_set(args.root, args.crop, args.train_frames, 0)  # decode the train frames once, before forking
+    CTX.update(args=args, backbone=backbone, val=(val_f, val_ff, val_images, val_labels), fit=(fit_f, fit_ff),
+               lows=lows, workdir=Path(tempfile.mkdtemp(prefix="camvid_pipeline_")), study=(study_alphas, candidates),
+               affinities=affinities)
     records = []
-    workdir = Path(tempfile.mkdtemp(prefix="camvid_pipeline_"))
-    for seed in range(args.seeds):
-        for label, alpha, affinity in variants:
-            tic = time.time()
-            model, last = train_model(args, backbone, seed, alpha, affinity, workdir)
-            codes = flip_codes(model.head, val_f, val_ff)
-            probes = kmeans_probes(flip_codes(model.head, fit_f, fit_ff), args)
-            probes["centres"] = model.global_centres.detach().clone()
-            unaries = [("none", "none", None)]
-            if alpha in study_alphas:
-                readings = affinities if alpha == 0 else [affinity]
-                unaries += [(f"{kind} [{r}]", kind, r) for r in readings for kind in candidates]
-            result = evaluate_codes(codes, probes, val_images, val_labels, lows, unaries, args.eval_alpha,
-                                    not args.no_crf)
-            records.append({"label": label, "alpha": alpha, "affinity": affinity, "seed": seed, "eval": result,
-                            "last_losses": last, "seconds": time.time() - tic})
-            km = np.mean([result[p]["none"]["after" if not args.no_crf else "before"]["miou"] for p in result
-                          if p.startswith("kmeans")])
-            say(f"seed {seed} reading {label} alpha {alpha}: k-means mIoU {100 * km:.1f} "
-                f"({time.time() - tic:.0f} s, total {time.time() - started:.0f} s)")
+
+    def collect(record):
+        records.append(record)
+        km = np.mean([v["none"]["after" if not args.no_crf else "before"]["miou"] for p, v in record["eval"].items()
+                      if p.startswith("kmeans")])
+        say(f"seed {record['seed']} reading {record['label']} alpha {record['alpha']}: k-means mIoU {100 * km:.1f} "
+            f"({record['seconds']:.0f} s, total {time.time() - started:.0f} s)")
+    if args.workers > 1:  # forked workers inherit CTX (frames, features, F^l) without copying it
+        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(run_one, job) for job in jobs]):
+                collect(future.result())
+    else:
+        for job in jobs:
+            collect(run_one(job))
+    records.sort(key=lambda r: (r["seed"], r["affinity"], r["alpha"]))
 
     # tables
     class_names = data.DATASETS["camvid"]["class_names"]
     settings = {k: v for k, v in vars(args).items()}
     print(f"\n## CamVid pipeline, stand-in '{args.standin}' (fusion-in {args.fusion_in}, F^l scale {args.fl_scale}, "
-          f"radius {args.radius}, sigma {args.fcm_sigma})\n")
+          f"training alignment {args.align}, radius {args.radius}, sigma {args.fcm_sigma}, EMA "
+          f"{args.ema if args.ema is not None else 0.998 ** (3000 / args.steps):.4f})\n")
     print(f"{args.steps} steps x batch {args.batch_size}, crop {args.crop} (train random crop of {args.train_frames} "
           f"frames resized to short side {args.crop}; eval centre crop), {len(val_images)} val frames evenly spaced, "
           f"k-means fit on {len(fit_images)} train frames, {args.seeds} training seeds x {args.kmeans_seeds} k-means "
@@ -495,7 +543,7 @@ def main(argv=None):
         if groups:
             print(f"Per-class IoU, probe k-means, {groups[0][0]}:\n")
             print(class_table(groups[0][1], "kmeans", [t for t in groups[0][2] if t.split(" ")[0] in
-                                                       ("none", "printed", "keep-scale", "poe")], class_names) + "\n")
+                                                       ("none", "printed", "keep-scale", "keep-scale+soft")], class_names) + "\n")
     elapsed = time.time() - started
     print(f"wall time {elapsed:.0f} s")
     payload = {"settings": settings, "standin_cosine": {"within": cos_in, "across": cos_across},

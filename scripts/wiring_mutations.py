@@ -72,7 +72,8 @@ MUTATIONS = [
      "vectors = collect_codes(code_fn, loader(val_set if cfg.kmeans_fit == \"val\" else fit_set), device,\n                                flip=False)"),
     ("evaluate.py", "pred_crf = refine_with_crf(images, probs, crf_kwargs).argmax(dim=1)  # (B, H, W)",
      "pred_crf = refine_with_crf(images, fused_probs(codes, centres, labels.shape[-2:], None, 0.0, scale), crf_kwargs).argmax(dim=1)"),
-    ("il2vseg.py", "f_low = align_clusters(f_low, f_seg.detach(), temperature)", "f_low = align_clusters(f_low, f_seg.detach())"),
+    ("il2vseg.py", "f_low = align_clusters(f_low, f_seg.detach(), temperature)",
+     "f_low = align_clusters(f_low, f_low, temperature)"),
 ]
 
 
