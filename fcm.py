@@ -206,7 +206,8 @@ def initial_centres(x, n_clusters, seed=0, init="kmeans++"):
     """Initial centres (B, K, C) among the pixels of x (B, C, h, w), seeded (not in the paper).
 
     The random numbers come from a CPU torch.Generator seeded by `seed`: deterministic, the same
-    draws on any device, the global RNG untouched; image b uses row b of them, whatever the batch.
+    draws on any device, the global RNG untouched, and the SAME draws for every image of the batch, so
+    an image's centres depend on its own pixels and the seed only (not on its place in the batch).
     init="kmeans++" (D^2 sampling): the first centre is a uniformly random pixel, each next one a
     pixel drawn with probability proportional to its squared distance to the nearest centre so far,
     so no pixel already on a centre is drawn while another is left. (When every pixel sits on a
@@ -225,11 +226,11 @@ def initial_centres(x, n_clusters, seed=0, init="kmeans++"):
     pixels = x.flatten(2)                                                     # (B, C, N)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     if init == "random":
-        order = torch.rand(B, N, generator=generator).argsort(dim=1)          # (B, N) a permutation
-        index = order[:, torch.arange(n_clusters) % N].to(x.device)           # (B, K)
+        order = torch.rand(1, N, generator=generator).argsort(dim=1)          # (1, N) a permutation
+        index = order[:, torch.arange(n_clusters) % N].to(x.device).expand(B, n_clusters)  # (B, K)
         return pixels.gather(2, index[:, None].expand(B, C, n_clusters)).transpose(1, 2)  # (B, K, C)
-    uniforms = torch.rand(B, n_clusters, generator=generator, dtype=torch.float64)
-    uniforms = uniforms.to(device=x.device, dtype=x.dtype)                    # (B, K)
+    uniforms = torch.rand(1, n_clusters, generator=generator, dtype=torch.float64)
+    uniforms = uniforms.to(device=x.device, dtype=x.dtype).expand(B, n_clusters)  # (B, K), one row for all
     cdf = torch.arange(1, N + 1, device=x.device, dtype=x.dtype).expand(B, N)  # first draw: uniform
     centres, nearest = [], None
     for k in range(n_clusters):                       # K sequential draws, each batched over images

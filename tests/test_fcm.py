@@ -493,7 +493,7 @@ def fast_and_slow_images(seed=0):
 
 @pytest.mark.parametrize("spatial", [False, True])
 def test_each_image_stops_on_its_own(spatial):        # catches one `running` flag for the whole batch
-    # Image b draws row b of the seeded initialisation, so an image keeps its place across batches.
+    # Every image gets the same seeded draws, so an image's result does not depend on its batch mates.
     fast, slow, other = fast_and_slow_images()
     run = functools.partial(fcm.spatial_fcm, n_clusters=3, spatial=spatial, max_iter=40, seed=5)
     P, centres, history = run(torch.cat([fast, slow]))
@@ -525,6 +525,9 @@ def test_low_level_cue_of_an_image_does_not_depend_on_the_batch():
             alone = fcm.low_level_cue(fast, 3, patch=1, init=init, affinity=affinity, max_iter=40)
             batched = fcm.low_level_cue(torch.cat([fast, slow]), 3, patch=1, init=init, affinity=affinity, max_iter=40)
             torch.testing.assert_close(batched[:1], alone, rtol=1e-12, atol=1e-12)
+            second = fcm.low_level_cue(torch.cat([slow, slow, fast]), 3, patch=1, init=init, affinity=affinity,
+                                       max_iter=40)  # nor on its place in the batch
+            torch.testing.assert_close(second[2:], alone, rtol=1e-12, atol=1e-12)
 
 
 def test_torch_compile_traces_and_matches_eager():   # catches a data-dependent branch in the loop
