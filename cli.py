@@ -84,6 +84,8 @@ def parse_args(argv=None):
     t.add_argument("--fcm-iters", type=int, default=20, help="FCM iteration cap")
     t.add_argument("--fusion-in", choices=["fs", "all"], default="fs",
                    help="F^f of eq (13) feeds eq (14) only (fs), or also L_smo and the data term (all)")
+    t.add_argument("--align", choices=["soft", "hard"], default="soft",
+                   help="eq (13)'s cluster correspondence: each FCM cluster to where its pixels are, or a permutation")
     t.add_argument("--affinity", choices=["global", "local", "none"], default="global",
                    help="eqs (9)-(11) over all pixel pairs (as printed), over a window of neighbours, or off")
     t.add_argument("--radius", type=int, default=3, help="window radius of --affinity local, in grid cells")

@@ -105,20 +105,29 @@ def build_model(cfg, backbone, n_clusters, device):
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def align_clusters(low_level, seg_scores, temperature=0.1):
-    """Permute the FCM clusters of each image so that cluster k of F^l means cluster k of the head.
+def align_clusters(low_level, seg_scores, temperature=0.1, soft=True):
+    """Express F^l in the head's clusters, so that channel k of F^l speaks of the head's cluster k.
 
     FCM numbers its clusters arbitrarily, while eq (13) adds F^l to F^seg channel by channel; the paper
-    does not say how they correspond. We match them per image by their soft overlap
-    O[k, j] = sum_pixels softmax(seg_scores / temperature)[k] * F^l[j] with the Hungarian algorithm
-    (maximum total overlap). temperature 0.1 is SmooSeg's for cluster probabilities; training and
-    evaluation both align this way. low_level, seg_scores (B, K, h, w) -> F^l permuted (B, K, h, w).
-    Scores that are not finite (a diverged head) raise FloatingPointError before the CPU matching.
+    does not say how they correspond. Both ways here start from the per-image overlap
+    O[k, j] = sum_pixels softmax(seg_scores / temperature)[k] * F^l[j]   (temperature 0.1 is SmooSeg's):
+      soft=True  (default) each FCM cluster goes where its pixels are: M[k, j] = O[k, j] / sum_k O[k, j]
+                 (the share of FCM cluster j's pixels in head cluster k), F^l'[k] = sum_j M[k, j] F^l[j].
+                 Many-to-one: an image shows a few of the K classes, and no colour cluster is forced onto
+                 a class the image does not show. F^l' still sums to 1 over k.
+      soft=False the permutation of the K FCM clusters with the largest total overlap (Hungarian).
+    Training and evaluation both align this way. low_level, seg_scores (B, K, h, w) -> (B, K, h, w).
+    Scores that are not finite (a diverged head) raise FloatingPointError, before any matching.
     """
-    probs = torch.softmax(seg_scores.float() / temperature, dim=1)  # (B, K, h, w)
-    overlap = torch.einsum("bkhw,bjhw->bkj", probs, low_level.float()).cpu().numpy()  # (B, K, K)
-    if not np.isfinite(overlap).all():
+    dtype = torch.promote_types(low_level.dtype, torch.float32)  # at least float32 (bf16 under autocast)
+    probs = torch.softmax(seg_scores.to(dtype) / temperature, dim=1)  # (B, K, h, w)
+    overlap = torch.einsum("bkhw,bjhw->bkj", probs, low_level.to(dtype))  # O (B, K, K)
+    if not bool(torch.isfinite(overlap).all()):
         raise FloatingPointError("F^seg or F^l is not finite (NaN or inf) when aligning the clusters of eq (13)")
+    if soft:
+        mapping = overlap / overlap.sum(dim=1, keepdim=True).clamp_min(1e-12)  # M[k, j] = P(head k | FCM j)
+        return torch.einsum("bkj,bjhw->bkhw", mapping, low_level.to(dtype)).to(low_level.dtype)
+    overlap = overlap.cpu().numpy()
     order = np.empty(overlap.shape[:2], dtype=np.int64)  # order[b, k] = FCM cluster for head cluster k
     for b in range(overlap.shape[0]):
         head_index, fcm_index = linear_sum_assignment(overlap[b], maximize=True)
@@ -127,7 +136,7 @@ def align_clusters(low_level, seg_scores, temperature=0.1):
     return torch.gather(low_level, 1, index)
 
 
-def fuse(f_seg, f_low, alpha=0.5, temperature=0.1):
+def fuse(f_seg, f_low, alpha=0.5, temperature=0.1, soft=True):
     """F^f = (1 - alpha) F^seg + alpha F^l, eq (13), after aligning F^l's clusters to F^seg's.
 
     f_seg (B, K, h, w) cosines, f_low (B, K, h, w) low-level cluster probabilities, added as printed.
@@ -137,7 +146,7 @@ def fuse(f_seg, f_low, alpha=0.5, temperature=0.1):
     if f_seg.shape != f_low.shape:
         raise ValueError(f"F_seg {tuple(f_seg.shape)} and F_l {tuple(f_low.shape)} must have the same shape")
     if alpha > 0:
-        f_low = align_clusters(f_low, f_seg.detach(), temperature)
+        f_low = align_clusters(f_low, f_seg.detach(), temperature, soft)
     return (1 - alpha) * f_seg + alpha * f_low  # eq (13)
 
 
@@ -188,7 +197,7 @@ def loss_terms(backbone, model, images, cfg, generator, low_level=None):
     codes, codes_aug = codes_both[:B], codes_both[B:]
 
     f_seg = cosine_to_centres(codes, model.global_centres)  # eq (2), F^seg: the head learns through it
-    f_fused = fuse(f_seg, f_low, cfg.alpha)  # eq (13), F^f (B, K, h, w)
+    f_fused = fuse(f_seg, f_low, cfg.alpha, soft=cfg.align == "soft")  # eq (13), F^f (B, K, h, w)
     # --fusion-in all: F^f is "the segmentation feature vector" of SmooSeg's terms too (Figure 5's reading)
     scores = f_fused if cfg.fusion_in == "all" else f_seg
     inner_local = cosine_to_centres(codes.detach(), model.local_centres)  # local centres learn from here
@@ -237,7 +246,7 @@ class EpochItems(torch.utils.data.Dataset):
 # settings a resumed run must share with the checkpoint (data, order, shapes, losses)
 RESUME_MUST_MATCH = ("data", "data_root", "train_split", "arch", "dim", "dropout", "batch_size", "crop", "seed",
                      "five_crop", "alpha", "beta", "gamma", "use_smo", "use_fs", "use_reg", "use_corr", "lr_head",
-                     "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius", "fusion_in",
+                     "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius", "fusion_in", "align",
                      "smooth_temperature")
 
 
@@ -341,7 +350,8 @@ def make_low_level_fn(cfg, n_clusters, stride):
     """For --eval-alpha > 0: F^l aligned to the clusters of `centres` as in training (align_clusters).
     needs the run's FCM settings; (images, codes, centres) -> (B, K, h, w)."""
     low_level = low_level_branch(cfg, n_clusters, stride)
-    return lambda images, codes, centres: align_clusters(low_level(images), cosine_to_centres(codes, centres))
+    soft = cfg.align == "soft"
+    return lambda images, codes, centres: align_clusters(low_level(images), cosine_to_centres(codes, centres), soft=soft)
 
 
 def run_evaluation(backbone, model, cfg, device, datasets, log=print):

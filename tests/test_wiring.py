@@ -214,6 +214,19 @@ def test_smoothness_and_data_terms_get_the_centres_smooseg_uses(tmp_path, monkey
     torch.testing.assert_close(inner_local, il2vseg.cosine_to_centres(codes, model.local_centres))
 
 
+def test_the_align_switch_reaches_eq13(tmp_path, monkeypatch):
+    cue = torch.softmax(torch.randn(B, K, 4, 4, generator=torch.Generator().manual_seed(1)) * 3, dim=1)
+    for align in ("soft", "hard"):
+        cfg, backbone, model, images = step_inputs(tmp_path, "--align", align)
+        spy = Spy(monkeypatch, losses, "feature_similarity_losses")
+        il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0), lambda x: cue)
+        codes, fused, _ = spy.calls[0][0]
+        f_seg = il2vseg.cosine_to_centres(codes, model.global_centres)
+        expected = il2vseg.align_clusters(cue, f_seg, soft=align == "soft")
+        torch.testing.assert_close(fused, 0.4 * f_seg + 0.6 * expected)
+        monkeypatch.undo()
+
+
 def test_fusion_in_all_feeds_the_fused_scores_to_smoothness_and_data_terms(tmp_path, monkeypatch):
     cfg, backbone, model, images = step_inputs(tmp_path, "--fusion-in", "all")
     smo, data_term = Spy(monkeypatch, losses, "smoothness_loss"), Spy(monkeypatch, losses, "data_loss")
