@@ -86,8 +86,8 @@ def parse_args(argv=None):
                    help="F^f of eq (13) feeds eq (14) only (fs), or also L_smo and the data term (all)")
     t.add_argument("--align", choices=["soft", "hard"], default="soft",
                    help="eq (13)'s cluster correspondence: each FCM cluster to where its pixels are, or a permutation")
-    t.add_argument("--affinity", choices=["global", "local", "none"], default="global",
-                   help="eqs (9)-(11) over all pixel pairs (as printed), over a window of neighbours, or off")
+    t.add_argument("--affinity", choices=["global", "local", "none"], default="local",
+                   help="eqs (9)-(11) over a window of neighbours (the paper's words), all pixel pairs (as printed), or off")
     t.add_argument("--radius", type=int, default=3, help="window radius of --affinity local, in grid cells")
     t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument("--save-every", type=int, default=100, help="write OUT/checkpoint.pt every N steps (and at the end)")

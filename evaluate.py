@@ -239,10 +239,13 @@ def flip_tta(code_fn, images):
 def fused_probs(codes, centres, size, low=None, alpha=0.0, scale=2.0):
     """Cluster probabilities (B, K, H, W) at `size`, fused with the low-level cue by eq (13) when alpha > 0.
 
-    low: F^l (B, K, h', w') ALREADY ALIGNED to the K probe clusters, any resolution (bilinearly resized
-    to `size`). Eq (13) on the scores, as in training: F^f = (1 - alpha) cos + alpha F^l, probabilities
-    softmax(scale F^f). Since log_softmax(scale cos) = scale cos - c(pixel) and a per-pixel constant
-    cancels in the softmax, this is softmax((1 - alpha) log_probs + alpha scale F^l).
+    low: F^l (B, K, h', w') ALREADY ALIGNED to the K probe clusters, any resolution (bilinearly resized to
+    `size`). Eq (13) on the scores, as in training, F^f = (1 - alpha) cos + alpha F^l, decides the argmax.
+    The probabilities are softmax(scale F^f / (1 - alpha)) = softmax(scale cos + alpha / (1 - alpha) scale F^l):
+    the same argmax, but the high-level cue keeps the sharpness it has without fusion. (softmax(scale F^f)
+    itself would shrink the high-level logits by (1 - alpha) and hand the CRF a flatter unary, which its
+    fixed pairwise weights then overrule: on CamVid that made the CRF lose accuracy after fusion.)
+    alpha = 1: F^l alone (its probabilities as they are).
     needs: cluster_log_probs
     """
     log_probs = cluster_log_probs(codes, centres, size=size, scale=scale)  # (B, K, H, W)
@@ -254,7 +257,9 @@ def fused_probs(codes, centres, size, low=None, alpha=0.0, scale=2.0):
                          f"got {tuple(low.shape)}")
     if low.shape[-2:] != log_probs.shape[-2:]:
         low = F.interpolate(low, size=log_probs.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
-    return torch.softmax((1.0 - alpha) * log_probs + alpha * scale * low, dim=1)  # eq (13)
+    if alpha >= 1:
+        return low / low.sum(dim=1, keepdim=True).clamp_min(1e-12)  # the low-level cue alone
+    return torch.softmax(log_probs + alpha / (1.0 - alpha) * scale * low, dim=1)  # eq (13), scale kept
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ What it prints (markdown) and writes (--out JSON):
   1. raw-feature baseline: k-means on the stand-in's features, no training;
   2. the alpha sweep of Figure 5 (training alpha 0 .. 1, per affinity reading of eqs 9-12), mean +- std
      over training seeds and k-means seeds, before / after the CRF, for both probes (k-means, centres);
-  3. eq (13) at evaluation (--eval-alpha): the printed fusion and candidate rewrites of
-     evaluate.fused_probs, with the sharpness of the unary fed to the CRF and how much the CRF changes.
+  3. eq (13) at evaluation (--eval-alpha): evaluate.fused_probs ("keep-scale") beside the fusion as printed
+     and other candidates, with soft or hard cluster alignment, the sharpness of the unary fed to the CRF
+     and how much the CRF changes.
 Expensive parts are shared: frames are decoded once, the stand-in's eval features and F^l are cached,
 one code pass feeds every probe, and one CRF lattice per batch of frames serves every probe and candidate unary.
 
@@ -27,7 +28,6 @@ one code pass feeds every probe, and one CRF lattice per batch of frames serves 
 """
 import argparse
 import concurrent.futures
-import importlib
 import json
 import multiprocessing
 import math
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import backbones  # noqa: E402
+import cli  # noqa: E402
 import crf  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
@@ -75,19 +76,20 @@ def parse_args(argv=None):
     p.add_argument("--radius", type=int, default=1, help="window radius of --affinity local, grid cells (1 at crop 160 = the "
                    "extent of the project default 3 at crop 320, and eq (5)'s 3x3 neighbourhood)")
     p.add_argument("--fcm-sigma", type=float, default=0.1, help="sigma of eq (10)")
-    p.add_argument("--fusion-in", choices=["fs", "all"], default="all", help="where F^f is used in training")
+    p.add_argument("--fusion-in", choices=["fs", "all"], default="fs", help="where F^f is used in training (il2vseg's "
+                   "--fusion-in)")
     p.add_argument("--fl-scale", choices=["printed", "range"], default="printed",
                    help="F^l in eq (13) as printed ([0, 1]) or mapped onto the cosines' range (2 F^l - 1)")
-    p.add_argument("--align", choices=["hard", "soft"], default="hard",
-                   help="F^l's clusters matched to the head's in TRAINING: Hungarian permutation (il2vseg.align_clusters) "
-                        "or soft many-to-one map (soft_align)")
+    p.add_argument("--align", choices=["hard", "soft"], default="soft",
+                   help="eq (13)'s cluster correspondence in TRAINING (il2vseg's --align): soft many-to-one map or "
+                        "Hungarian permutation")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA momentum of the global centres (default 0.998 ** (3000 / steps): the paper's total decay)")
     p.add_argument("--eval-alpha", type=float, default=0.5, help="alpha of the eval-time fusion study")
     p.add_argument("--study-alphas", default="0,0.5", help="training alphas whose models get the fusion study")
-    p.add_argument("--candidates", default="printed,keep-scale,poe,keep-scale+soft",
-                   help="eval-time fusions compared (printed, keep-scale, poe, mix; '+soft': soft_align instead of "
-                        "the Hungarian permutation)")
+    p.add_argument("--candidates", default="printed+hard,printed+soft,keep-scale+hard,keep-scale+soft,poe+soft",
+                   help="eval-time fusions compared, KIND+ALIGN: printed (softmax(2 F^f), the fusion as printed), "
+                        "keep-scale (evaluate.fused_probs), poe, mix; ALIGN soft or hard (il2vseg.align_clusters)")
     p.add_argument("--no-crf", action="store_true")
     p.add_argument("--workers", type=int, default=2, help="training runs in parallel (forked processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: no thread thrashing "
@@ -210,46 +212,32 @@ cached_train_set.cache = {}
 # Training: il2vseg.train as it is (eq 13 optionally with F^l mapped onto the cosines' range)
 # ----------------------------------------------------------------------------------------------
 
-PRINTED_FUSE, HARD_ALIGN = il2vseg.fuse, il2vseg.align_clusters
+PROJECT_FUSE = il2vseg.fuse
 
 
-def range_fuse(f_seg, f_low, alpha=0.5, temperature=0.1):
-    """eq (13) with F^l mapped from [0, 1] onto the cosines' [-1, 1]: (1 - a) F^seg + a (2 F^l - 1)."""
+def range_fuse(f_seg, f_low, alpha=0.5, temperature=0.1, soft=True):
+    """A study variant of eq (13), not an option of il2vseg: F^l mapped from [0, 1] onto the cosines' [-1, 1],
+    (1 - a) F^seg + a (2 F^l - 1)."""
     if alpha > 0:
-        f_low = il2vseg.align_clusters(f_low, f_seg.detach(), temperature)  # (patched to soft_align by --align soft)
+        f_low = il2vseg.align_clusters(f_low, f_seg.detach(), temperature, soft)
     return (1 - alpha) * f_seg + alpha * (2 * f_low - 1)
 
 
-@torch.no_grad()
-def soft_align(low_level, seg_scores, temperature=0.1):
-    """F^l re-expressed in the head's clusters by a soft many-to-one map instead of a permutation:
-    O[k, j] = sum_pixels softmax(F^seg / T)[k] F^l[j] (the overlap align_clusters matches), M[k, j] = O[k, j] /
-    sum_k O[k, j] = P(head cluster k | FCM cluster j), F^l'[k] = sum_j M[k, j] F^l[j] (still sums to 1 over k).
-    An image shows few of the K classes, so a permutation must send some FCM colour clusters to head clusters
-    absent from the image; this map sends each FCM cluster where its pixels actually are."""
-    probs = torch.softmax(seg_scores.float() / temperature, dim=1)  # (B, K, h, w)
-    overlap = torch.einsum("bkhw,bjhw->bkj", probs, low_level.float())  # (B, K, J)
-    mapping = overlap / overlap.sum(dim=1, keepdim=True).clamp_min(1e-12)  # columns sum to 1
-    return torch.einsum("bkj,bjhw->bkhw", mapping, low_level.float())
-
-
 def train_model(args, backbone, seed, alpha, affinity, workdir):
-    cli = il2vseg if hasattr(il2vseg, "parse_args") else importlib.import_module("cli")  # the command line's home
     cfg = cli.parse_args(["--data", "camvid", "--arch", "vits8"])
     cli.resolve_defaults(cfg, torch.device("cpu"))  # the peers' loss constants, every field filled
     ema = args.ema if args.ema is not None else 0.998 ** (3000 / args.steps)  # as much decay as 3000 steps at 0.998
     vars(cfg).update(ema=ema, steps=args.steps, batch_size=args.batch_size, crop=args.crop, eval_crop=args.crop, seed=seed,
                      alpha=alpha, affinity=affinity, radius=args.radius, fcm_sigma=args.fcm_sigma,
-                     fusion_in=args.fusion_in, out=str(workdir / f"run_{seed}_{affinity}_{alpha}"),
+                     fusion_in=args.fusion_in, align=args.align, out=str(workdir / f"run_{seed}_{affinity}_{alpha}"),
                      save_every=args.steps, log_every=10 ** 9, num_workers=0, resume=None)
     train_set = cached_train_set(args.root, args.crop, args.train_frames, seed)
     model = il2vseg.build_model(cfg, backbone, K, torch.device("cpu"))
-    il2vseg.fuse = range_fuse if args.fl_scale == "range" else PRINTED_FUSE  # read by il2vseg.loss_terms
-    il2vseg.align_clusters = soft_align if args.align == "soft" else HARD_ALIGN  # read by il2vseg.fuse
+    il2vseg.fuse = range_fuse if args.fl_scale == "range" else PROJECT_FUSE  # read by il2vseg.loss_terms
     try:
         history = il2vseg.train(backbone, model, train_set, cfg, torch.device("cpu"), log=lambda *a: None)
     finally:
-        il2vseg.fuse, il2vseg.align_clusters = PRINTED_FUSE, HARD_ALIGN
+        il2vseg.fuse = PROJECT_FUSE
     model.eval()
     return model, history[-1]
 
@@ -261,19 +249,19 @@ def train_model(args, backbone, seed, alpha, affinity, workdir):
 def fused_unary(kind, codes, centres, size, low, alpha, scale=2.0):
     """Cluster probabilities (B, K, H, W) fed to the CRF. low = F^l aligned to the probe's clusters.
       none        softmax(2 cos)                                   no fusion (the protocol's default)
-      printed     evaluate.fused_probs: softmax((1-a) 2cos + a 2 F^l)   (eq 13 on the scores, as today)
-      keep-scale  softmax(((1-a) 2cos + a 2 F^l) / (1-a)) = softmax(2cos + a/(1-a) 2 F^l): the same argmax
-                  as printed, but the high-level scores keep their scale (the CRF sees unfused sharpness)
+      printed     softmax(2 F^f) = softmax((1-a) 2cos + a 2 F^l)   eq (13) on the scores, softmax as printed
+      keep-scale  evaluate.fused_probs: softmax(2 F^f / (1-a)) = softmax(2cos + a/(1-a) 2 F^l), the same
+                  argmax as printed, but the high-level scores keep their scale (the CRF sees unfused sharpness)
       poe         softmax((1-a) log p + a log F^l): product of experts, geometric mean of the two maps
       mix         (1-a) p + a F^l: mixture of the two probability maps"""
     if kind == "none":
         return evaluate.fused_probs(codes, centres, size)
-    if kind == "printed":
+    if kind == "keep-scale":
         return evaluate.fused_probs(codes, centres, size, low, alpha, scale)
     log_p = evaluate.cluster_log_probs(codes, centres, size=size, scale=scale)  # (B, K, H, W)
     low = F.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)
-    if kind == "keep-scale":
-        return torch.softmax(log_p + alpha / (1 - alpha) * scale * low, dim=1)
+    if kind == "printed":
+        return torch.softmax((1 - alpha) * log_p + alpha * scale * low, dim=1)
     if kind == "poe":
         return torch.softmax((1 - alpha) * log_p + alpha * low.clamp_min(1e-6).log(), dim=1)
     if kind == "mix":
@@ -311,13 +299,13 @@ def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf,
         kernels = crf_kernels(im) if use_crf else None
         for name, centres in probes.items():
             scores = il2vseg.cosine_to_centres(c, centres)
-            aligned = {}  # F^l's clusters matched to this probe's: Hungarian (as in training) or soft_align
+            aligned = {}  # F^l's clusters matched to this probe's (il2vseg.align_clusters, soft or hard)
             for tag, kind, reading in unaries:
-                kind, _, soft = kind.partition("+")
-                if reading is not None and (reading, soft) not in aligned:
-                    align = soft_align if soft else HARD_ALIGN
-                    aligned[reading, soft] = align(lows[reading][s:s + batch], scores)
-                p = fused_unary(kind, c, centres, lab.shape[-2:], aligned.get((reading, soft)), alpha)  # (B, K, H, W)
+                kind, _, how = kind.partition("+")
+                if reading is not None and (reading, how) not in aligned:
+                    aligned[reading, how] = il2vseg.align_clusters(lows[reading][s:s + batch], scores,
+                                                                   soft=how != "hard")
+                p = fused_unary(kind, c, centres, lab.shape[-2:], aligned.get((reading, how)), alpha)  # (B, K, H, W)
                 pred = p.argmax(1)
                 conf[name, tag][0] += evaluate.confusion_matrix(pred, lab, K, K)
                 entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
@@ -386,8 +374,8 @@ def delta_table(rows, base):
 
 
 def fusion_table(groups, probe):
-    lines = [f"| model (train α, F^l reading) | eval unary | Acc | mIoU | +CRF Acc | +CRF mIoU | CRF gain mIoU | "
-             f"entropy (nats) | max p | pixels the CRF changes |", "|---|---|" + "---:|" * 8]
+    lines = ["| model (train α, F^l reading) | eval unary | Acc | mIoU | +CRF Acc | +CRF mIoU | CRF gain mIoU | "
+             "entropy (nats) | max p | pixels the CRF changes |", "|---|---|" + "---:|" * 8]
     for label, records, tags in groups:
         for tag in tags:
             get = lambda st, k: [r["eval"][p][tag][st][k] for r in records for p in r["eval"] if p.startswith(probe)]  # noqa: E731
@@ -467,8 +455,7 @@ def main(argv=None):
     val_f, val_ff = feats(val_images), feats(val_images.flip(-1))
     fit_f, fit_ff = feats(fit_images), feats(fit_images.flip(-1))
     low_cfg = dict(n_clusters=K, sigma=args.fcm_sigma, patch=8, radius=args.radius)
-    # F^l of the val frames per reading, in batches of 8 as the protocol computes it (FCM's seeded
-    # initialisation of an image depends on its place in the batch)
+    # F^l of the val frames per reading (an image's F^l does not depend on its batch)
     lows = {a: torch.cat([fcm.low_level_cue(val_images[s:s + 8], affinity=a, **low_cfg)
                           for s in range(0, len(val_images), 8)]) for a in affinities}
     unit = F.normalize(val_f.flatten(2), dim=1)
@@ -543,7 +530,7 @@ def main(argv=None):
         if groups:
             print(f"Per-class IoU, probe k-means, {groups[0][0]}:\n")
             print(class_table(groups[0][1], "kmeans", [t for t in groups[0][2] if t.split(" ")[0] in
-                                                       ("none", "printed", "keep-scale", "keep-scale+soft")], class_names) + "\n")
+                                                       ("none", "printed+hard", "keep-scale+soft")], class_names) + "\n")
     elapsed = time.time() - started
     print(f"wall time {elapsed:.0f} s")
     payload = {"settings": settings, "standin_cosine": {"within": cos_in, "across": cos_across},

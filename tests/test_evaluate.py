@@ -520,7 +520,11 @@ def test_fusion_at_evaluation_is_eq13_on_the_scores_as_in_training():
                 for j in range(4):
                     z = codes[b, :, i, j] / codes[b, :, i, j].norm()
                     fused = (1 - alpha) * (centres @ z) + alpha * low[b, :, i, j]  # eq (13)
-                    expected[b, :, i, j] = torch.softmax(2.0 * fused, dim=0)
+                    if alpha < 1:  # its argmax, with the high-level scores at their unfused scale
+                        expected[b, :, i, j] = torch.softmax(2.0 * fused / (1 - alpha), dim=0)
+                    else:  # the low-level cue alone
+                        expected[b, :, i, j] = low[b, :, i, j] / low[b, :, i, j].sum()
+                    assert expected[b, :, i, j].argmax() == fused.argmax()
         torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(evaluate.fused_probs(codes, centres, (3, 4), low, 0.0),
                        evaluate.cluster_log_probs(codes, centres, (3, 4)).exp())
