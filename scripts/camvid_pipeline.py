@@ -73,8 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--kmeans-restarts", type=int, default=3, help="k-means runs per seed (lowest loss kept)")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="training alphas of eq (13)")
     p.add_argument("--affinities", default="global,local", help="readings of eqs 9-12: global, local, none")
-    p.add_argument("--radius", type=int, default=1, help="window radius of --affinity local, grid cells (1 at crop 160 = the "
-                   "extent of the project default 3 at crop 320, and eq (5)'s 3x3 neighbourhood)")
+    p.add_argument("--radius", type=int, default=1, help="window radius of --affinity local, grid cells (1 at crop 160: a 3x3 "
+                   "window of the 20x20 grid, eq (5)'s neighbourhood; il2vseg's default is 3 on its 40x40 grid)")
     p.add_argument("--fcm-sigma", type=float, default=0.1, help="sigma of eq (10)")
     p.add_argument("--fusion-in", choices=["fs", "all"], default="fs", help="where F^f is used in training (il2vseg's "
                    "--fusion-in)")
@@ -253,10 +253,12 @@ def fused_unary(kind, codes, centres, size, low, alpha, scale=2.0):
       keep-scale  evaluate.fused_probs: softmax(2 F^f / (1-a)) = softmax(2cos + a/(1-a) 2 F^l), the same
                   argmax as printed, but the high-level scores keep their scale (the CRF sees unfused sharpness)
       poe         softmax((1-a) log p + a log F^l): product of experts, geometric mean of the two maps
-      mix         (1-a) p + a F^l: mixture of the two probability maps"""
+      mix         (1-a) p + a F^l: mixture of the two probability maps
+      crf-first   before the CRF as keep-scale; after: the CRF refines softmax(2 cos) alone, then eq (13) adds F^l
+                  to its log marginals with keep-scale's weight (the CRF never sees F^l)"""
     if kind == "none":
         return evaluate.fused_probs(codes, centres, size)
-    if kind == "keep-scale":
+    if kind in ("keep-scale", "crf-first"):
         return evaluate.fused_probs(codes, centres, size, low, alpha, scale)
     log_p = evaluate.cluster_log_probs(codes, centres, size=size, scale=scale)  # (B, K, H, W)
     low = F.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)
@@ -310,7 +312,14 @@ def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf,
                 conf[name, tag][0] += evaluate.confusion_matrix(pred, lab, K, K)
                 entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
                 changed = 0.0
-                if use_crf:
+                if use_crf and kind == "crf-first":  # the CRF refines the high-level map, then eq (13) adds F^l
+                    refined = crf.run_crf(evaluate.fused_probs(c, centres, lab.shape[-2:]), kernels, 10)
+                    low = F.interpolate(aligned[reading, how].float(), size=lab.shape[-2:], mode="bilinear",
+                                        align_corners=False)
+                    pred_crf = (refined.clamp_min(1e-12).log() + alpha / (1 - alpha) * 2.0 * low).argmax(1)
+                    conf[name, tag][1] += evaluate.confusion_matrix(pred_crf, lab, K, K)
+                    changed = float((pred_crf != pred).float().sum())
+                elif use_crf:
                     pred_crf = crf.run_crf(p, kernels, 10).argmax(1)
                     conf[name, tag][1] += evaluate.confusion_matrix(pred_crf, lab, K, K)
                     changed = float((pred_crf != pred).float().sum())

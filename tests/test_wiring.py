@@ -338,15 +338,17 @@ def test_no_flip_tta_and_no_crf_change_what_they_say_and_nothing_else(tmp_path, 
         assert plain["probes"][probe]["before_crf"] == with_crf["probes"][probe]["before_crf"], probe
 
 
-def test_eval_alpha_fuses_the_aligned_low_level_cue_of_the_evaluated_images(tmp_path, monkeypatch):
-    cfg, _, model, spies, _ = run_evaluation_spied(tmp_path, monkeypatch, "--eval-alpha", "0.4", "--no-crf")
+@pytest.mark.parametrize("align", ["soft", "hard"])
+def test_eval_alpha_fuses_the_aligned_low_level_cue_of_the_evaluated_images(tmp_path, monkeypatch, align):
+    cfg, _, model, spies, _ = run_evaluation_spied(tmp_path, monkeypatch, "--eval-alpha", "0.4", "--no-crf",
+                                                   "--align", align)
     kwargs = spies["evaluate"].calls[0][1]
     assert kwargs["alpha"] == 0.4 and kwargs["low_level_fn"] is not None
     images = torch.rand(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))
     codes, centres = torch.randn(2, 8, 4, 4), torch.randn(K, 8)
     f_low = fcm.low_level_cue(images, K, sigma=cfg.fcm_sigma, patch=8, affinity=cfg.affinity, radius=cfg.radius,
                               max_iter=3)
-    expected = il2vseg.align_clusters(f_low, il2vseg.cosine_to_centres(codes, centres))
+    expected = il2vseg.align_clusters(f_low, il2vseg.cosine_to_centres(codes, centres), soft=align == "soft")
     torch.testing.assert_close(kwargs["low_level_fn"](images, codes, centres), expected)
 
 
