@@ -187,8 +187,12 @@ def build_datasets(cfg):
         val_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.val_split, mode="eval",
                                      crop_size=cfg.eval_crop, length=cfg.eval_images, **common)
         if cfg.probe != "centres" and cfg.kmeans_fit == "train":
+            fit_length = cfg.probe_images
+            if cfg.data == "synthetic":  # drawn scenes: the training split's own, not probe_images new ones
+                fit_length = min(fit_length, len(data.list_samples("synthetic", split=cfg.train_split,
+                                                                   seed=cfg.seed)["samples"]))
             fit_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.train_split, mode="eval",
-                                         crop_size=cfg.eval_crop, length=cfg.probe_images, **common)
+                                         crop_size=cfg.eval_crop, length=fit_length, **common)
         if cfg.ablation and not val_set.has_labels:
             raise ValueError(f"--ablation needs labels in the {cfg.val_split} split")
     problems = []

@@ -244,10 +244,21 @@ class EpochItems(torch.utils.data.Dataset):
 
 
 # settings a resumed run must share with the checkpoint (data, order, shapes, losses)
-RESUME_MUST_MATCH = ("data", "data_root", "train_split", "arch", "dim", "dropout", "batch_size", "crop", "seed",
+RESUME_MUST_MATCH = ("data", "data_root", "train_split", "n_classes", "arch", "weights", "dim", "dropout", "batch_size", "crop", "seed",
                      "five_crop", "alpha", "beta", "gamma", "use_smo", "use_fs", "use_reg", "use_corr", "lr_head",
                      "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius", "fusion_in", "align",
                      "smooth_temperature")
+
+
+def last_intact(progress, checkpoint_path):
+    """What a run that stops at a non-finite number says about its checkpoints."""
+    if "saved" in progress:
+        return f"the checkpoint of step {progress['saved']} in {checkpoint_path} is intact"
+    return "no checkpoint was written by this run"
+
+
+# settings --eval / --predict take from the checkpoint: the head's width, and F^l (--eval-alpha) as in training
+CHECKPOINT_DEFINES = ("dim", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius", "align")
 
 
 def make_optimiser(model, cfg):
@@ -309,9 +320,7 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
                                               use_data=cfg.use_smo, use_fs=cfg.use_fs, use_corr=cfg.use_corr,
                                               use_reg=cfg.use_reg)  # eq (15)
         except FloatingPointError as error:
-            last = (f"the checkpoint of step {progress['saved']} in {checkpoint_path} is intact"
-                    if "saved" in progress else "no checkpoint was written")
-            raise FloatingPointError(f"step {step + 1}: {error}; {last}") from None
+            raise FloatingPointError(f"step {step + 1}: {error}; {last_intact(progress, checkpoint_path)}") from None
         optimiser.zero_grad(set_to_none=True)
         total.backward()
         optimiser.step()
@@ -327,7 +336,8 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
             try:
                 checkpoints.save_checkpoint(checkpoint_state(model, optimiser, done, generator, cfg), checkpoint_path)
             except FloatingPointError as error:
-                raise FloatingPointError(f"step {done}: the weights diverged; {error}") from None
+                raise FloatingPointError(f"step {done}: the weights diverged; {error}; "
+                                         f"{last_intact(progress, checkpoint_path)}") from None
             progress["saved"] = done
     log(f"checkpoint: {checkpoint_path}")
     return history
@@ -445,7 +455,8 @@ def main(argv=None):
             state = checkpoints.load_checkpoint(path)
             if state["config"].get("arch", cfg.arch) != cfg.arch:
                 raise checkpoints.CheckpointError(f"{path} was trained on --arch {state['config']['arch']}, not {cfg.arch}")
-            cfg.dim = state["config"].get("dim", cfg.dim)  # the head's shape comes from the checkpoint
+            for key in CHECKPOINT_DEFINES:  # the head's shape and F^l as in training come from the checkpoint
+                setattr(cfg, key, state["config"].get(key, getattr(cfg, key)))
             if cfg.eval and state["n_clusters"] != datasets[1].n_classes:
                 raise checkpoints.CheckpointError(f"{path} has {state['n_clusters']} clusters, --data {cfg.data} "
                                                   f"has {datasets[1].n_classes} classes")
@@ -455,6 +466,11 @@ def main(argv=None):
                     and (Path(cfg.out) / "checkpoint.pt").exists()):
                 raise checkpoints.CheckpointError(f"--out {cfg.out} already holds checkpoint.pt: continue it with "
                                                   f"--resume, replace it with --overwrite, or choose another --out")
+            earlier = sorted(Path(cfg.out).glob("ablation_*/checkpoint.pt")) if cfg.ablation else []
+            if earlier and not cfg.overwrite:
+                raise checkpoints.CheckpointError(f"--out {cfg.out} already holds ablation runs ({earlier[0].parent.name}"
+                                                  f"{f' and {len(earlier) - 1} more' if len(earlier) > 1 else ''}): "
+                                                  f"replace them with --overwrite, or choose another --out")
             backbone = backbones.load_backbone(cfg.arch, cfg.weights, seed=cfg.seed).to(device)
             if cfg.ablation:
                 run_ablation(cfg, backbone, device, datasets)
@@ -473,8 +489,8 @@ def main(argv=None):
             FloatingPointError, OSError) as error:
         print(f"error: {cli.one_line(error)}", file=sys.stderr)
         return 1
-    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as error:
-        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "memory" not in str(error).lower():
+    except (MemoryError, torch.cuda.OutOfMemoryError, RuntimeError) as error:
+        if not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) and "memory" not in str(error).lower():
             raise
         print(f"error: out of memory ({checkpoints.first_line(error)}): use a smaller --batch-size, --crop, "
               f"--eval-crop or --dim", file=sys.stderr)

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (file, the line as it is, the mistake)
 MUTATIONS = [
-    ("il2vseg.py", "f_fused = fuse(f_seg, f_low, cfg.alpha)", "f_fused = fuse(f_seg, f_low, 0.0)"),
+    ("il2vseg.py", "f_fused = fuse(f_seg, f_low, cfg.alpha, soft=", "f_fused = fuse(f_seg, f_low, 0.0, soft="),
     ("il2vseg.py", "augmented = data.photometric_augment(images, generator=generator)",
      "augmented = images + 0 * data.photometric_augment(images, generator=generator)"),
     ("il2vseg.py", "total, values = losses.total_loss(terms, beta=cfg.beta, gamma=cfg.gamma,",

@@ -139,7 +139,7 @@ def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_the_last_good_che
     monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
     assert il2vseg.main(["--train", "--resume", "--steps", "4", "--save-every", "1", "--out", str(out)] + TINY) == 1
     line, _ = one_error_line(capsys)
-    assert "step 3" in line and "NaN or inf" in line
+    assert "step 3" in line and "NaN or inf" in line and "the checkpoint of step 2" in line and "is intact" in line
     assert (out / "checkpoint.pt").read_bytes() == good  # the NaN weights were not written
     assert checkpoints.load_checkpoint(out / "checkpoint.pt")["step"] == 2
 
@@ -274,6 +274,17 @@ def test_ablation_on_an_unlabelled_val_split_fails_before_training(tmp_path, cap
     assert il2vseg.main(["--ablation", "alpha", "--out", str(tmp_path / "run")] + TINY + argv) == 1
     line, printed = one_error_line(capsys)
     assert "--ablation needs labels" in line and "training on" not in printed
+
+
+def test_ablation_refuses_a_folder_that_holds_earlier_ablation_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "ablation_alpha___0_5").mkdir(parents=True)
+    (out / "ablation_alpha___0_5" / "checkpoint.pt").write_bytes(b"earlier work")
+    assert il2vseg.main(["--ablation", "alpha", "--out", str(out)] + TINY) == 1
+    line, printed = one_error_line(capsys)
+    assert "already holds ablation runs (ablation_alpha___0_5)" in line and "--overwrite" in line
+    assert "RANDOMLY INITIALISED" not in printed  # refused before the weights load
+    assert (out / "ablation_alpha___0_5" / "checkpoint.pt").read_bytes() == b"earlier work"
 
 
 def test_ctrl_c_before_the_first_save_says_nothing_was_saved(tmp_path, capsys, monkeypatch):

@@ -231,11 +231,32 @@ def test_checkpoint_of_another_configuration_is_one_clear_line(tmp_path, capsys)
     with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint.pt does not fit this Segmenter"):
         il2vseg.train(tiny_backbone(), il2vseg.Segmenter(5, in_dim=32, dim=16), dataset, cfg,
                       torch.device("cpu"), log=lambda *a: None)
+    # nor another backbone file, nor another number of classes
+    for changes, message in [({"weights": "other.pth"}, "trained with --weights random, this run asks for other.pth"),
+                             ({"n_classes": 5}, "trained with --n-classes None, this run asks for 5")]:
+        cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, **changes)
+        with pytest.raises(checkpoints.CheckpointError, match=message):
+            il2vseg.train(tiny_backbone(), il2vseg.Segmenter(3, in_dim=32, dim=16), dataset, cfg,
+                          torch.device("cpu"), log=lambda *a: None)
     # a resumed run must see the same data stream: another batch size is refused up front
     cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, batch_size=2)
     with pytest.raises(checkpoints.CheckpointError, match=r"trained with --batch-size 4, this run asks for 2"):
         il2vseg.train(tiny_backbone(), il2vseg.Segmenter(3, in_dim=32, dim=16), dataset, cfg,
                       torch.device("cpu"), log=lambda *a: None)
+
+
+def test_eval_takes_the_head_and_the_low_level_settings_from_the_checkpoint(tmp_path, monkeypatch):
+    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--probe-images", "4",
+              "--eval-images", "4", "--save-images", "0", "--no-crf", "--out", str(tmp_path)]
+    trained = ["--dim", "16", "--fcm-iters", "3", "--fcm-m", "1.5", "--fcm-sigma", "0.2", "--affinity", "global",
+               "--radius", "1", "--align", "hard"]
+    assert il2vseg.main(["--train", "--steps", "1"] + trained + common) == 0
+    seen = []
+    monkeypatch.setattr(il2vseg, "run_evaluation", lambda backbone, model, cfg, *a, **k: seen.append(cfg))
+    assert il2vseg.main(["--eval", "--eval-alpha", "0.5"] + common) == 0  # the command line's defaults differ
+    cfg = seen[0]
+    assert (cfg.dim, cfg.fcm_iters, cfg.fcm_m, cfg.fcm_sigma) == (16, 3, 1.5, 0.2)
+    assert (cfg.affinity, cfg.radius, cfg.align, cfg.eval_alpha) == ("global", 1, "hard", 0.5)
 
 
 def test_gradient_reaches_only_what_each_term_should_train(tmp_path):
