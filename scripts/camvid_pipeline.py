@@ -89,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--study-alphas", default="0,0.5", help="training alphas whose models get the fusion study")
     p.add_argument("--candidates", default="printed+hard,printed+soft,keep-scale+hard,keep-scale+soft,poe+soft",
                    help="eval-time fusions compared, KIND+ALIGN: printed (softmax(2 F^f), the fusion as printed), "
-                        "keep-scale (evaluate.fused_probs), poe, mix; ALIGN soft or hard (il2vseg.align_clusters)")
+                        "keep-scale (evaluate.fused_probs), poe, mix, crf-first; ALIGN soft or hard (il2vseg.align_clusters) "
+                        "or lik (each head cluster's distribution over the FCM clusters, rows of the overlap normalised)")
     p.add_argument("--no-crf", action="store_true")
     p.add_argument("--workers", type=int, default=2, help="training runs in parallel (forked processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: no thread thrashing "
@@ -305,8 +306,14 @@ def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf,
             for tag, kind, reading in unaries:
                 kind, _, how = kind.partition("+")
                 if reading is not None and (reading, how) not in aligned:
-                    aligned[reading, how] = il2vseg.align_clusters(lows[reading][s:s + batch], scores,
-                                                                   soft=how != "hard")
+                    if how == "lik":  # P(FCM j | head k) instead of P(head k | FCM j): no class-size prior
+                        low_b = lows[reading][s:s + batch].float()  # (B, K, h, w)
+                        overlap = torch.einsum("bkhw,bjhw->bkj", torch.softmax(scores.float() / 0.1, dim=1), low_b)
+                        mapping = overlap / overlap.sum(dim=2, keepdim=True).clamp_min(1e-12)
+                        aligned[reading, how] = torch.einsum("bkj,bjhw->bkhw", mapping, low_b)
+                    else:
+                        aligned[reading, how] = il2vseg.align_clusters(lows[reading][s:s + batch], scores,
+                                                                       soft=how != "hard")
                 p = fused_unary(kind, c, centres, lab.shape[-2:], aligned.get((reading, how)), alpha)  # (B, K, H, W)
                 pred = p.argmax(1)
                 conf[name, tag][0] += evaluate.confusion_matrix(pred, lab, K, K)

@@ -1,0 +1,55 @@
+"""The measurement scripts keep running: the README's numbers come from them.
+
+scripts/camvid_pipeline.py and scripts/camvid_lowlevel.py are run on a few CamVid frames (skipped when
+../shared/data/camvid is absent); scripts/wiring_mutations.py is checked for mutations whose line has
+drifted away from the code (such a mutation would silently test nothing).
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from trees import need_shared
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name, *argv):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *argv], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_camvid_pipeline_trains_evaluates_and_prints_every_table(tmp_path):
+    root = need_shared("data", "camvid")
+    out = tmp_path / "pipeline.json"
+    printed = run_script("camvid_pipeline.py", "--root", str(root), "--out", str(out), "--steps", "2",
+                         "--batch-size", "2", "--seeds", "1", "--kmeans-seeds", "1", "--kmeans-restarts", "1",
+                         "--val-frames", "3", "--fit-frames", "3", "--train-frames", "6", "--alphas", "0,0.5",
+                         "--affinities", "local", "--crop", "64", "--workers", "1", "--quiet",
+                         "--candidates", "keep-scale+soft,crf-first+lik,printed+hard")
+    for heading in ("Raw-feature baseline", "Alpha sweep", "Eval-time fusion", "Per-class IoU"):
+        assert heading in printed, heading
+    for unary in ("keep-scale+soft [local]", "crf-first+lik [local]", "printed+hard [local]"):
+        assert f"| α 0.0, — | {unary} |" in printed, unary
+    assert "| local | 0.5 |" in printed
+    assert out.is_file() and json.loads(out.read_text())
+
+
+def test_camvid_lowlevel_scores_every_reading():
+    root = need_shared("data", "camvid")
+    printed = run_script("camvid_lowlevel.py", "--root", str(root), "--limit", "2", "--radii", "1,3")
+    for row in ("global affinity", "local affinity r=1", "local affinity r=3", "plain FCM (P)", "k-means on colour"):
+        assert row in printed, row
+
+
+def test_every_mutation_still_finds_its_line_exactly_once():
+    spec = importlib.util.spec_from_file_location("wiring_mutations", REPO / "scripts" / "wiring_mutations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert len(module.MUTATIONS) >= 30
+    for number, (name, old, new) in enumerate(module.MUTATIONS, 1):
+        assert (REPO / name).read_text().count(old) == 1, f"mutation {number}: {old!r} is not in {name} exactly once"
+        assert old != new, number
