@@ -142,8 +142,8 @@ def restore(module, state, path):
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
         lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
         detail = lines[-1][:200] if lines else type(error).__name__
-        raise CheckpointError(f"{path} does not fit this {type(module).__name__} (another --data, --dim "
-                              f"or --arch?): {detail}") from None
+        raise CheckpointError(f"{path} does not fit this {type(module).__name__} (another --data, --n-classes, "
+                              f"--dim or --arch?): {detail}") from None
 
 
 def check_resume(state, cfg, path, keys):

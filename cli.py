@@ -107,7 +107,31 @@ def parse_args(argv=None):
     e.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     e.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", help="do not average the codes of the mirrored image")
     e.add_argument("--save-images", type=int, default=8, help="side-by-side PNGs for the first N images")
-    return p.parse_args(argv)
+    cfg = p.parse_args(argv)
+    p.set_defaults(**dict.fromkeys(FROM_CHECKPOINT))  # parsed again without defaults: which were typed
+    given = p.parse_args(argv)
+    cfg.explicit = tuple(key for key in FROM_CHECKPOINT if getattr(given, key) is not None)
+    return cfg
+
+
+# the trained model's settings that --eval / --predict take from its checkpoint unless the command line gives
+# them: the head's width, and F^l (for --eval-alpha) as in training
+FROM_CHECKPOINT = ("dim", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius", "align")
+# what a checkpoint written before a setting existed was trained with
+LEGACY = {"affinity": "global", "align": "hard"}
+
+
+def take_from_checkpoint(cfg, trained, path):
+    """--eval / --predict: FROM_CHECKPOINT settings from the checkpoint's config `trained`, except those
+    given on the command line; checked like the command line's numbers."""
+    for key in FROM_CHECKPOINT:
+        if key not in cfg.explicit:
+            setattr(cfg, key, trained.get(key, LEGACY.get(key, getattr(cfg, key))))
+    try:
+        check_numbers(cfg)
+    except ValueError as error:
+        raise ValueError(f"{path}: its settings: {error}") from None
+    return cfg
 
 
 # every number the command line takes: flag -> (lowest, highest, what is allowed)
@@ -142,27 +166,38 @@ def resolve_defaults(cfg, device):
         raise ValueError("every loss term is switched off (--no-smo --no-fs --no-reg --no-corr): nothing to train")
     if cfg.data == "folder" and not cfg.n_classes:
         raise ValueError("--data folder needs --n-classes K")
-    for key, (low, high) in LIMITS.items():
-        value = getattr(cfg, key)
-        if value is not None and not (math.isfinite(value) and low <= value <= high):
-            raise ValueError(f"--{key.replace('_', '-')} must lie in [{low}, {high}], got {value}")
-    for key in POSITIVE:
-        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) > 0):
-            raise ValueError(f"--{key.replace('_', '-')} must be a finite number > 0, got {getattr(cfg, key)}")
-    if not (0.0 <= cfg.ema < 1.0):
-        raise ValueError(f"--ema must lie in [0, 1), got {cfg.ema}")
-    if not (math.isfinite(cfg.fcm_m) and 1 < cfg.fcm_m <= 100):
-        raise ValueError(f"--fcm-m must lie in (1, 100] (eq 4 divides by m - 1), got {cfg.fcm_m}")
+    check_numbers(cfg)
     for key in ("crop", "eval_crop"):
         if getattr(cfg, key) % stride:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)} must be a multiple of the {cfg.arch} "
                              f"stride {stride}")
     if cfg.data_root is not None:
         cfg.data_root = str(Path(cfg.data_root).resolve())  # a resumed run must read the same folder
+    if cfg.weights not in (None, "random"):
+        cfg.weights = str(Path(cfg.weights).expanduser().resolve())  # the same file, however it is named
     constants = losses.loss_constants(cfg.data, cfg.arch)  # the peers' tuned shifts and weights
     cfg.shift_close, cfg.shift_far = constants["smooseg_shifts"]["close"], constants["smooseg_shifts"]["far"]
     cfg.corr_shifts, cfg.corr_weights = constants["stego_shifts"], constants["stego_weights"]
     return cfg
+
+
+def check_numbers(cfg):
+    """Every number in range and finite, one line for the first that is not."""
+    for key, (low, high) in LIMITS.items():
+        value = getattr(cfg, key)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"--{key.replace('_', '-')} must lie in [{low}, {high}], got {value}")
+    for key in POSITIVE:
+        value = getattr(cfg, key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"--{key.replace('_', '-')} must be a finite number > 0, got {getattr(cfg, key)}")
+    if not (0.0 <= cfg.ema < 1.0):
+        raise ValueError(f"--ema must lie in [0, 1), got {cfg.ema}")
+    if not (isinstance(cfg.fcm_m, (int, float)) and math.isfinite(cfg.fcm_m) and 1 < cfg.fcm_m <= 100):
+        raise ValueError(f"--fcm-m must lie in (1, 100] (eq 4 divides by m - 1), got {cfg.fcm_m}")
+    for key, allowed in (("affinity", ("global", "local", "none")), ("align", ("soft", "hard"))):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"--{key} {getattr(cfg, key)}: not one of {', '.join(allowed)}")
 
 
 def pick_device(name):

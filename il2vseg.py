@@ -244,7 +244,7 @@ class EpochItems(torch.utils.data.Dataset):
 
 
 # settings a resumed run must share with the checkpoint (data, order, shapes, losses)
-RESUME_MUST_MATCH = ("data", "data_root", "train_split", "n_classes", "arch", "weights", "dim", "dropout", "batch_size", "crop", "seed",
+RESUME_MUST_MATCH = ("data", "data_root", "train_split", "arch", "weights", "dim", "dropout", "batch_size", "crop", "seed",
                      "five_crop", "alpha", "beta", "gamma", "use_smo", "use_fs", "use_reg", "use_corr", "lr_head",
                      "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius", "fusion_in", "align",
                      "smooth_temperature")
@@ -255,10 +255,6 @@ def last_intact(progress, checkpoint_path):
     if "saved" in progress:
         return f"the checkpoint of step {progress['saved']} in {checkpoint_path} is intact"
     return "no checkpoint was written by this run"
-
-
-# settings --eval / --predict take from the checkpoint: the head's width, and F^l (--eval-alpha) as in training
-CHECKPOINT_DEFINES = ("dim", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius", "align")
 
 
 def make_optimiser(model, cfg):
@@ -403,16 +399,22 @@ def train_and_evaluate(cfg, backbone, device, datasets, log=print, progress=None
     return model, run_evaluation(backbone, model, cfg, device, datasets, log)
 
 
+def ablation_runs(cfg):
+    """(row name, settings it changes, its folder OUT/ablation_ROW) of --ablation alpha or loss."""
+    settings = ([(f"alpha = {a}", {"alpha": a, "eval_alpha": a}) for a in ALPHA_ABLATION]
+                if cfg.ablation == "alpha" else LOSS_ABLATION)
+    return [(name, change, Path(cfg.out) / ("ablation_" + "".join(c if c.isalnum() else "_" for c in name)))
+            for name, change in settings]
+
+
 def run_ablation(cfg, backbone, device, datasets, log=print):
     """Figure 5 (alpha in training and in the evaluated prediction; 1 = the low-level cue alone) or
     Table 4 (loss terms): one training + evaluation per row, then the table (OUT/ablation_NAME.txt)."""
-    settings = ([(f"alpha = {a}", {"alpha": a, "eval_alpha": a}) for a in ALPHA_ABLATION]
-                if cfg.ablation == "alpha" else LOSS_ABLATION)
     rows = []
-    for name, change in settings:
+    for name, change, folder in ablation_runs(cfg):
         run_cfg = copy.deepcopy(cfg)
         vars(run_cfg).update(change, resume=None)
-        run_cfg.out = str(Path(cfg.out) / ("ablation_" + "".join(c if c.isalnum() else "_" for c in name)))
+        run_cfg.out = str(folder)
         log(f"=== ablation {name} -> {run_cfg.out}")
         _, result = train_and_evaluate(run_cfg, backbone, device, datasets, log)
         rows.append((name, result["probes"]))
@@ -455,8 +457,14 @@ def main(argv=None):
             state = checkpoints.load_checkpoint(path)
             if state["config"].get("arch", cfg.arch) != cfg.arch:
                 raise checkpoints.CheckpointError(f"{path} was trained on --arch {state['config']['arch']}, not {cfg.arch}")
-            for key in CHECKPOINT_DEFINES:  # the head's shape and F^l as in training come from the checkpoint
-                setattr(cfg, key, state["config"].get(key, getattr(cfg, key)))
+            cli.take_from_checkpoint(cfg, state["config"], path)  # the head's width, F^l as in training
+            trained_on = state["config"].get("weights")
+            if trained_on != cfg.weights and "random" in (trained_on, cfg.weights):
+                raise checkpoints.CheckpointError(f"{path} was trained on --weights {trained_on or '(torch.hub)'}, "
+                                                  f"this run loads {cfg.weights or '(torch.hub)'}")
+            if trained_on != cfg.weights:
+                print(f"note: {path} was trained on the backbone weights {trained_on or '(torch.hub)'}; this run "
+                      f"loads {cfg.weights or '(torch.hub)'}")
             if cfg.eval and state["n_clusters"] != datasets[1].n_classes:
                 raise checkpoints.CheckpointError(f"{path} has {state['n_clusters']} clusters, --data {cfg.data} "
                                                   f"has {datasets[1].n_classes} classes")
@@ -466,11 +474,12 @@ def main(argv=None):
                     and (Path(cfg.out) / "checkpoint.pt").exists()):
                 raise checkpoints.CheckpointError(f"--out {cfg.out} already holds checkpoint.pt: continue it with "
                                                   f"--resume, replace it with --overwrite, or choose another --out")
-            earlier = sorted(Path(cfg.out).glob("ablation_*/checkpoint.pt")) if cfg.ablation else []
+            earlier = [folder.name for _, _, folder in (ablation_runs(cfg) if cfg.ablation else [])
+                       if (folder / "checkpoint.pt").exists()]
             if earlier and not cfg.overwrite:
-                raise checkpoints.CheckpointError(f"--out {cfg.out} already holds ablation runs ({earlier[0].parent.name}"
-                                                  f"{f' and {len(earlier) - 1} more' if len(earlier) > 1 else ''}): "
-                                                  f"replace them with --overwrite, or choose another --out")
+                raise checkpoints.CheckpointError(f"--out {cfg.out} already holds runs of --ablation {cfg.ablation} "
+                                                  f"({earlier[0]}{f' and {len(earlier) - 1} more' if len(earlier) > 1 else ''}"
+                                                  f"): replace them with --overwrite, or choose another --out")
             backbone = backbones.load_backbone(cfg.arch, cfg.weights, seed=cfg.seed).to(device)
             if cfg.ablation:
                 run_ablation(cfg, backbone, device, datasets)

@@ -230,7 +230,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypa
 
 def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
     def huge(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 372.53 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA error: tried to allocate 372.53 GiB")  # the class, not the words
 
     monkeypatch.setattr(backbones, "load_backbone", huge)
     assert il2vseg.main(["--train", "--out", str(tmp_path)] + TINY) == 1
@@ -282,9 +282,18 @@ def test_ablation_refuses_a_folder_that_holds_earlier_ablation_runs(tmp_path, ca
     (out / "ablation_alpha___0_5" / "checkpoint.pt").write_bytes(b"earlier work")
     assert il2vseg.main(["--ablation", "alpha", "--out", str(out)] + TINY) == 1
     line, printed = one_error_line(capsys)
-    assert "already holds ablation runs (ablation_alpha___0_5)" in line and "--overwrite" in line
+    assert "already holds runs of --ablation alpha (ablation_alpha___0_5)" in line and "--overwrite" in line
     assert "RANDOMLY INITIALISED" not in printed  # refused before the weights load
     assert (out / "ablation_alpha___0_5" / "checkpoint.pt").read_bytes() == b"earlier work"
+
+
+def test_eval_refuses_random_weights_for_a_trained_backbone_and_the_reverse(tmp_path, capsys):
+    out = trained_folder(tmp_path)  # trained on --weights random
+    capsys.readouterr()
+    hub = [a for a in TINY if a not in ("--weights", "random")]
+    assert il2vseg.main(["--eval", "--out", str(out)] + hub) == 1
+    line, _ = one_error_line(capsys)
+    assert "was trained on --weights random, this run loads (torch.hub)" in line
 
 
 def test_ctrl_c_before_the_first_save_says_nothing_was_saved(tmp_path, capsys, monkeypatch):

@@ -208,11 +208,12 @@ def test_cli_train_eval_predict_resume_end_to_end(tmp_path):
 def test_ablation_commands_print_their_tables(tmp_path, capsys):
     common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--steps", "1",
               "--eval-images", "4", "--probe-images", "4", "--save-images", "0", "--no-crf", "--fcm-iters", "3"]
-    assert il2vseg.main(["--ablation", "loss", "--out", str(tmp_path / "loss")] + common) == 0
-    table = (tmp_path / "loss" / "ablation_loss.txt").read_text()
+    # the README's two commands, into the same --out: each ablation has its own folders
+    assert il2vseg.main(["--ablation", "loss", "--out", str(tmp_path)] + common) == 0
+    table = (tmp_path / "ablation_loss.txt").read_text()
     assert "Table 4" in table and "(4) L_smo + L_fs + L_corr" in table and table.count("\n") == 6
-    assert il2vseg.main(["--ablation", "alpha", "--out", str(tmp_path / "alpha")] + common) == 0
-    table = (tmp_path / "alpha" / "ablation_alpha.txt").read_text()
+    assert il2vseg.main(["--ablation", "alpha", "--out", str(tmp_path)] + common) == 0
+    table = (tmp_path / "ablation_alpha.txt").read_text()
     assert "Figure 5" in table and all(f"alpha = {a}" in table for a in (0.0, 0.25, 0.5, 0.75, 1.0))
     assert "Figure 5" in capsys.readouterr().out
     row = [line for line in table.splitlines() if line.startswith("alpha = 0.5")][0]
@@ -231,13 +232,11 @@ def test_checkpoint_of_another_configuration_is_one_clear_line(tmp_path, capsys)
     with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint.pt does not fit this Segmenter"):
         il2vseg.train(tiny_backbone(), il2vseg.Segmenter(5, in_dim=32, dim=16), dataset, cfg,
                       torch.device("cpu"), log=lambda *a: None)
-    # nor another backbone file, nor another number of classes
-    for changes, message in [({"weights": "other.pth"}, "trained with --weights random, this run asks for other.pth"),
-                             ({"n_classes": 5}, "trained with --n-classes None, this run asks for 5")]:
-        cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, **changes)
-        with pytest.raises(checkpoints.CheckpointError, match=message):
-            il2vseg.train(tiny_backbone(), il2vseg.Segmenter(3, in_dim=32, dim=16), dataset, cfg,
-                          torch.device("cpu"), log=lambda *a: None)
+    # nor another backbone file
+    cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, weights="/data/other.pth")
+    with pytest.raises(checkpoints.CheckpointError, match="trained with --weights random, this run asks for /data/other.pth"):
+        il2vseg.train(tiny_backbone(), il2vseg.Segmenter(3, in_dim=32, dim=16), dataset, cfg,
+                      torch.device("cpu"), log=lambda *a: None)
     # a resumed run must see the same data stream: another batch size is refused up front
     cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, batch_size=2)
     with pytest.raises(checkpoints.CheckpointError, match=r"trained with --batch-size 4, this run asks for 2"):
@@ -257,6 +256,29 @@ def test_eval_takes_the_head_and_the_low_level_settings_from_the_checkpoint(tmp_
     cfg = seen[0]
     assert (cfg.dim, cfg.fcm_iters, cfg.fcm_m, cfg.fcm_sigma) == (16, 3, 1.5, 0.2)
     assert (cfg.affinity, cfg.radius, cfg.align, cfg.eval_alpha) == ("global", 1, "hard", 0.5)
+    # what the command line gives wins, also when it is the parser's default
+    assert il2vseg.main(["--eval", "--eval-alpha", "0.5", "--radius", "3", "--affinity", "local"] + common) == 0
+    assert (seen[1].affinity, seen[1].radius, seen[1].align, seen[1].fcm_sigma) == ("local", 3, "hard", 0.2)
+
+
+def test_checkpoints_from_before_a_setting_existed_and_bad_stored_settings():
+    cfg = cli.resolve_defaults(cli.parse_args(["--radius", "2"]), torch.device("cpu"))
+    cli.take_from_checkpoint(cfg, {"dim": 16}, "old.pt")  # written before --affinity and --align existed
+    assert (cfg.dim, cfg.radius, cfg.affinity, cfg.align, cfg.fcm_sigma) == (16, 2, "global", "hard", 0.1)
+    for stored, message in [({"radius": 0}, r"--radius must lie in \[1, 64\], got 0"),
+                            ({"fcm_sigma": "wide"}, "--fcm-sigma must be a finite number > 0"),
+                            ({"align": "sideways"}, "--align sideways")]:
+        cfg = cli.resolve_defaults(cli.parse_args([]), torch.device("cpu"))
+        with pytest.raises(ValueError, match="forged.pt: its settings: " + message):
+            cli.take_from_checkpoint(cfg, stored, "forged.pt")
+
+
+@pytest.mark.parametrize("argv, fit_images", [([], 64), (["--train-split", "val"], 16), (["--probe-images", "10"], 10)])
+def test_synthetic_kmeans_fit_uses_the_training_splits_own_scenes(argv, fit_images):
+    cfg = cli.resolve_defaults(cli.parse_args(["--train"] + argv), torch.device("cpu"))
+    train_set, _, fit_set = cli.build_datasets(cfg)
+    assert len(fit_set) == fit_images
+    assert [s["rng_seed"] for s in fit_set.samples] == [s["rng_seed"] for s in train_set.samples][:fit_images]
 
 
 def test_gradient_reaches_only_what_each_term_should_train(tmp_path):
