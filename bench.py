@@ -56,6 +56,24 @@ def timed_together(fns, device, repeat=5, warmup=2):
     return [median([r[i] for r in rounds]) for i in range(len(fns))], median([r[0] - sum(r[1:]) for r in rounds])
 
 
+def profile_step(step, device, top=15):
+    """torch.profiler over one training step (after the timed ones): how many kernels it launches and
+    which take the time."""
+    from torch.profiler import ProfilerActivity, profile  # only for this option
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    print(f"\nprofile of one training step: {len(on_device)} kernels and copies on the GPU, "
+          f"{sum(e.device_time_total for e in on_device) / 1000:.2f} ms of GPU time" if cuda else
+          f"\nprofile of one training step: {len(prof.events())} operator calls on the CPU")
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+
+
 def training_config(args):
     cfg = cli.parse_args(["--data", "cityscapes", "--weights", "random", "--batch-size", str(args.batch)])
     return cli.resolve_defaults(cfg, torch.device("cpu"))  # fills the loss constants
@@ -67,6 +85,8 @@ def main():
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 32 on CUDA, 4 on the CPU)")
     parser.add_argument("--camvid", default=None, help="folder with CamVid frames for the CRF rows")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the ViT")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one training step: kernel launches and the top kernels (torch.profiler)")
     args = parser.parse_args()
     device = cli.pick_device(args.device)
     cuda = device.type == "cuda"
@@ -140,6 +160,8 @@ def main():
     add("train step 224x224: head + losses + update (the rest)", t_rest, f"batch {args.batch}")
     add("train step 224x224: total", t_step, f"batch {args.batch}",
         f"{t_step / t_backbone:.2f}x the step's backbone forward (target <= 2x)")
+    if args.profile:
+        profile_step(step, device)
 
     # ---- dense CRF
     frame = None

@@ -376,3 +376,15 @@ def test_compiled_branch_falls_back_to_eager_with_one_line(tmp_path, monkeypatch
     expected = il2vseg.low_level_branch(cfg, 3, 8)(images)
     assert torch.equal(branch(images), expected) and torch.equal(branch(images), expected)
     assert len(lines) == 1 and "torch.compile" in lines[0] and "eagerly" in lines[0] and "\n" not in lines[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_compiled_branch_on_cuda_matches_eager_without_falling_back(tmp_path):
+    cfg = settings(tmp_path)
+    lines = []
+    compiled = il2vseg.low_level_branch(cfg, K, 8, compiled=True, log=lines.append)
+    eager = il2vseg.low_level_branch(cfg, K, 8)
+    for seed in (0, 1):  # a second batch of the same shape replays what the first captured
+        images = torch.rand(B, 3, CROP, CROP, generator=torch.Generator().manual_seed(seed)).cuda()
+        torch.testing.assert_close(compiled(images), eager(images), atol=1e-3, rtol=1e-3)
+    assert not lines, lines  # torch.compile worked: no eager fallback
