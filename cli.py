@@ -61,7 +61,7 @@ def parse_args(argv=None):
                    help="evaluation centre crop (default: 320, 322 for /14 backbones; 192 for synthetic on the CPU)")
     d.add_argument("--five-crop", action="store_true", help="train on STEGO's five crops (corners + centre, half size) of every image")
     d.add_argument("--eval-images", type=int, default=None, help="evaluate on this many val images, evenly spaced (default: all)")
-    d.add_argument("--num-workers", type=int, default=None, help="data loader worker processes (default: up to 8 on CUDA, 0 on the CPU)")
+    d.add_argument("--num-workers", type=int, default=None, help="data loader worker processes (default: up to 16 on CUDA, 0 on the CPU)")
     m = p.add_argument_group("model")
     m.add_argument("--arch", default="vits8", choices=list(backbones.ARCHS), help="frozen backbone (the paper: vits8)")
     m.add_argument("--weights", default=None, help="backbone weights: a file, 'random' (smoke tests), or unset for torch.hub")
@@ -153,7 +153,7 @@ def resolve_defaults(cfg, device):
     defaults = {"crop": near(128 if quick else 224), "eval_crop": near(192 if quick else 320),
                 "batch_size": 32 if cuda else 8,
                 "steps": 3000 if cfg.data != "synthetic" else (300 if cuda else 60),
-                "num_workers": min(8, os.cpu_count() or 1) if cuda else 0,  # on the CPU workers compete for cores
+                "num_workers": min(16, os.cpu_count() or 1) if cuda else 0,  # on the CPU workers compete for cores
                 "out": str(Path(cfg.checkpoint).parent) if cfg.checkpoint else str(Path("runs") / cfg.data)}
     for key, value in defaults.items():
         if getattr(cfg, key) is None:

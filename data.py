@@ -243,6 +243,7 @@ class SegmentationDataset(Dataset):
         self.flip = flip
         self.epoch = 0
         self.said = set()  # conversion notes already said by this data set (each said once)
+        self.drawn = {}  # synthetic scenes kept (per process): a scene is drawn once, not every epoch
 
     @property
     def has_labels(self):
@@ -280,8 +281,15 @@ class SegmentationDataset(Dataset):
     def load(self, sample):
         """-> image float32 (3, H, W) in [0, 1], label int64 (H, W) or None."""
         if sample["format"] == "synthetic":
-            image, label = draw_synthetic_scene(np.random.default_rng(sample["rng_seed"]), *sample["size"])
-            return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
+            key = tuple(sample["rng_seed"])
+            if key in self.drawn:
+                image, label = self.drawn[key]
+            else:
+                image, label = draw_synthetic_scene(np.random.default_rng(sample["rng_seed"]), *sample["size"])
+                image, label = torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
+                if len(self.drawn) < 128:  # at most 128 scenes (2.5 MB each) kept per process
+                    self.drawn[key] = image, label
+            return image.clone(), label.clone()  # the callers' tensors, never the kept ones
         read_image, read_label = READERS[sample["format"]]
         array, note = read_image(sample["image"])
         say_once(self.said, self.dataset_name, note)

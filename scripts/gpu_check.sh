@@ -11,6 +11,7 @@
 # stop the others. timm is needed by parity.txt and the timm row of bench.txt only.
 #
 #     bash scripts/gpu_check.sh
+#     SKIP="parity suite" bash scripts/gpu_check.sh   # a rerun without the parity table and the whole suite
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check}
@@ -27,7 +28,8 @@ PY=${PYTHON:-python3}
 CAMVID=${CAMVID:-gpu_data}  # a folder with a 480x360 CamVid frame for the CRF rows, if there is one
 { timeout 180 $PY bench.py --profile $([ -d "$CAMVID" ] && echo --camvid "$CAMVID"); echo "exit $?"; } > "$OUT/bench.txt" 2>&1
 
-{ timeout 90 $PY scripts/timm_parity.py; echo "exit $?"; } > "$OUT/parity.txt" 2>&1
+skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
+skip parity || { timeout 90 $PY scripts/timm_parity.py; echo "exit $?"; } > "$OUT/parity.txt" 2>&1
 
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/util.csv" 2>&1 &
 SAMPLER=$!
@@ -46,5 +48,5 @@ if util:
           f"memory used at most {max(int(r[1]) for r in rows)} MiB")
 PYEOF
 
-{ timeout 120 $PY -m pytest -q -p no:cacheprovider; echo "exit $?"; } >> "$OUT/pytest.txt" 2>&1
+skip suite || { timeout 120 $PY -m pytest -q -p no:cacheprovider; echo "exit $?"; } >> "$OUT/pytest.txt" 2>&1
 echo "done $(date -u)" >> "$OUT/env.txt"

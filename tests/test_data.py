@@ -414,3 +414,11 @@ def test_predict_folder_refuses_tiny_and_elongated_images(tmp_path):
     names = [s["name"] for s in folder.samples]
     assert folder[names.index("ok")]["image"].shape == (3, 64, 192)
     raises_naming("strip.png", lambda: folder[names.index("strip")])
+
+
+def test_synthetic_scenes_are_drawn_once_and_handed_out_as_copies():
+    ds = data.build_dataset("synthetic", None, split="train", mode="eval", crop_size=64, length=2)
+    first = ds[1]["image"]
+    first.mul_(0)  # a caller that writes into its batch must not change the kept scene
+    fresh = data.build_dataset("synthetic", None, split="train", mode="eval", crop_size=64, length=2)
+    assert torch.equal(ds[1]["image"], fresh[1]["image"]) and len(ds.drawn) == 1
