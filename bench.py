@@ -84,7 +84,8 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 32 on CUDA, 4 on the CPU)")
     parser.add_argument("--camvid", default=None, help="folder with CamVid frames for the CRF rows")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the ViT")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile of the ViT, and time the training step as --compile runs it")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one training step: kernel launches and the top kernels (torch.profiler)")
     args = parser.parse_args()
@@ -141,7 +142,8 @@ def main():
     model = il2vseg.build_model(cfg, backbone, n_classes, device)
     optimiser = il2vseg.make_optimiser(model, cfg)
     generator = torch.Generator(device=device).manual_seed(0)
-    low_level = il2vseg.low_level_branch(cfg, n_classes, backbone.stride, compiled=cuda, log=print)  # as in training
+    low_level = il2vseg.low_level_branch(cfg, n_classes, backbone.stride, compiled=cuda and args.compile,
+                                         log=print)  # as training runs it (eager unless --compile)
 
     def step():
         terms = il2vseg.loss_terms(backbone, model, images224, cfg, generator, low_level)

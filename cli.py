@@ -93,7 +93,8 @@ def parse_args(argv=None):
     t.add_argument("--save-every", type=int, default=100, help="write OUT/checkpoint.pt every N steps (and at the end)")
     t.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    t.add_argument("--no-compile", action="store_true", help="on CUDA, run the low-level branch without torch.compile")
+    t.add_argument("--compile", action="store_true", help="on CUDA, run the low-level branch under torch.compile "
+                   "(reduce-overhead); compiling took 64 s on an H200, its speed-up is not measured yet")
     e = p.add_argument_group("evaluation")
     e.add_argument("--probe", choices=["kmeans", "centres", "both"], default="both",
                    help="cosine k-means on the codes (paper, STEGO), the trained global centres (SmooSeg), or both")

@@ -157,7 +157,7 @@ def fuse(f_seg, f_low, alpha=0.5, temperature=0.1, soft=True):
 def low_level_branch(cfg, n_clusters, stride, compiled=False, log=print):
     """F^l (eqs 1, 3-12) with the run's settings: images (B, 3, H, W) in [0, 1] -> (B, K, H/stride, W/stride).
 
-    compiled=True (training on CUDA, unless --no-compile): the same function under
+    compiled=True (training on CUDA with --compile): the same function under
     torch.compile(mode="reduce-overhead"), which replays the branch's many small kernels from a CUDA
     graph. If it cannot compile, one line says so and the branch runs eagerly.
     """
@@ -306,7 +306,7 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
     loader = torch.utils.data.DataLoader(EpochItems(dataset), batch_sampler=batches,
                                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    compiled = device.type == "cuda" and not cfg.no_compile
+    compiled = device.type == "cuda" and cfg.compile
     low_level = low_level_branch(cfg, model.local_centres.shape[0], backbone.stride, compiled, log)
     for step, batch in zip(range(start_step, cfg.steps), loader):
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) in [0, 1]
