@@ -124,9 +124,9 @@ LEGACY = {"affinity": "global", "align": "hard"}
 
 def take_from_checkpoint(cfg, trained, path):
     """--eval / --predict: FROM_CHECKPOINT settings from the checkpoint's config `trained`, except those
-    given on the command line; checked like the command line's numbers."""
+    given on the command line (--dim excepted); checked like the command line's numbers."""
     for key in FROM_CHECKPOINT:
-        if key not in cfg.explicit:
+        if key == "dim" or key not in cfg.explicit:  # the head's width is a shape: always the checkpoint's
             setattr(cfg, key, trained.get(key, LEGACY.get(key, getattr(cfg, key))))
     try:
         check_numbers(cfg)

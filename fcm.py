@@ -238,6 +238,7 @@ def initial_centres(x, n_clusters, seed=0, init="kmeans++"):
             cdf = nearest.cumsum(dim=1)                                       # D^2 cdf  (B, N)
         target = uniforms[:, k:k + 1] * cdf[:, -1:]                           # (B, 1)
         index = (cdf < target).sum(dim=1, keepdim=True)                       # first cdf >= target  (B, 1)
+        # (a count, as searchsorted would give on the sorted cdf; torch 2.11's compiler failed on searchsorted)
         centre = pixels.gather(2, index[:, None].expand(B, C, 1))             # (B, C, 1)
         centres.append(centre)
         squared = (pixels - centre).square().sum(dim=1)                       # (B, N)

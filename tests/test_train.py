@@ -257,8 +257,10 @@ def test_eval_takes_the_head_and_the_low_level_settings_from_the_checkpoint(tmp_
     assert (cfg.dim, cfg.fcm_iters, cfg.fcm_m, cfg.fcm_sigma) == (16, 3, 1.5, 0.2)
     assert (cfg.affinity, cfg.radius, cfg.align, cfg.eval_alpha) == ("global", 1, "hard", 0.5)
     # what the command line gives wins, also when it is the parser's default
-    assert il2vseg.main(["--eval", "--eval-alpha", "0.5", "--radius", "3", "--affinity", "local"] + common) == 0
+    assert il2vseg.main(["--eval", "--eval-alpha", "0.5", "--radius", "3", "--affinity", "local", "--dim", "64"]
+                        + common) == 0
     assert (seen[1].affinity, seen[1].radius, seen[1].align, seen[1].fcm_sigma) == ("local", 3, "hard", 0.2)
+    assert seen[1].dim == 16  # a shape, not a choice: the checkpoint's whatever --dim says
 
 
 def test_checkpoints_from_before_a_setting_existed_and_bad_stored_settings():
