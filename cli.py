@@ -104,6 +104,9 @@ def parse_args(argv=None):
     e.add_argument("--kmeans-restarts", type=int, default=5, help="k-means runs per seed; the lowest k-means loss is kept")
     e.add_argument("--kmeans-seeds", type=int, default=1, help="> 1: also report mean and std over this many k-means seeds")
     e.add_argument("--eval-alpha", type=float, default=0.0, help="also fuse F_l into the evaluated prediction, eq (13)")
+    e.add_argument("--eval-align", choices=["likelihood", "soft", "hard"], default="likelihood",
+                   help="--eval-alpha's cluster correspondence: F^l by how typical a colour is of each cluster "
+                        "(the CRF keeps helping after fusion), as --align soft, or a permutation")
     e.add_argument("--eval-batch-size", type=int, default=8, help="images per evaluation batch")
     e.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     e.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", help="do not average the codes of the mirrored image")
@@ -117,9 +120,9 @@ def parse_args(argv=None):
 
 # the trained model's settings that --eval / --predict take from its checkpoint unless the command line gives
 # them: the head's width, and F^l (for --eval-alpha) as in training
-FROM_CHECKPOINT = ("dim", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius", "align")
+FROM_CHECKPOINT = ("dim", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius")
 # what a checkpoint written before a setting existed was trained with
-LEGACY = {"affinity": "global", "align": "hard"}
+LEGACY = {"affinity": "global"}
 
 
 def take_from_checkpoint(cfg, trained, path):

@@ -363,7 +363,7 @@ def run_protocol(code_fn, global_centres, datasets, cfg, device="cpu", low_level
 
     datasets: (train, val, fit) as il2vseg.build_datasets gives them: k-means is fit on the codes of
     `fit` (training images in evaluation geometry), or of `val` with --kmeans-fit val. cfg: probe,
-    kmeans_fit, kmeans_restarts, kmeans_seeds, seed, flip_tta, no_crf, eval_alpha, eval_batch_size,
+    kmeans_fit, kmeans_restarts, kmeans_seeds, seed, flip_tta, no_crf, eval_alpha (eval_align), eval_batch_size,
     num_workers, save_images, out (and names for the log). --kmeans-seeds S > 1 adds probes
     "kmeans seed N" and their spread (in metrics.json; the table shows "kmeans" and "centres")."""
     _, val_set, fit_set = datasets
@@ -402,7 +402,7 @@ def run_protocol(code_fn, global_centres, datasets, cfg, device="cpu", low_level
     log(results.format_table(shown, val_set.class_names))
     settings = {key: getattr(cfg, key, None) for key in ("data", "arch", "val_split", "probe", "kmeans_fit",
                                                          "probe_images", "kmeans_restarts", "kmeans_seeds", "seed",
-                                                         "eval_alpha", "flip_tta", "no_crf", "eval_crop")}
+                                                         "eval_alpha", "eval_align", "flip_tta", "no_crf", "eval_crop")}
     settings["n_fit_images"] = len(val_set if cfg.kmeans_fit == "val" else fit_set) if "kmeans" in probes else 0
     results.write_metrics(cfg.out, result, settings)
     results.save_pictures(cfg.out, shown)

@@ -105,27 +105,36 @@ def build_model(cfg, backbone, n_clusters, device):
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def align_clusters(low_level, seg_scores, temperature=0.1, soft=True):
+def align_clusters(low_level, seg_scores, temperature=0.1, how="soft"):
     """Express F^l in the head's clusters, so that channel k of F^l speaks of the head's cluster k.
 
     FCM numbers its clusters arbitrarily, while eq (13) adds F^l to F^seg channel by channel; the paper
-    does not say how they correspond. Both ways here start from the per-image overlap
+    does not say how they correspond. Every way here starts from the per-image overlap
     O[k, j] = sum_pixels softmax(seg_scores / temperature)[k] * F^l[j]   (temperature 0.1 is SmooSeg's):
-      soft=True  (default) each FCM cluster goes where its pixels are: M[k, j] = O[k, j] / sum_k O[k, j]
-                 (the share of FCM cluster j's pixels in head cluster k), F^l'[k] = sum_j M[k, j] F^l[j].
-                 Many-to-one: an image shows a few of the K classes, and no colour cluster is forced onto
-                 a class the image does not show. F^l' still sums to 1 over k.
-      soft=False the permutation of the K FCM clusters with the largest total overlap (Hungarian).
-    Training and evaluation both align this way. low_level, seg_scores (B, K, h, w) -> (B, K, h, w).
+      "soft"        (training's default) each FCM cluster goes where its pixels are:
+                    M[k, j] = O[k, j] / sum_k O[k, j] = P(head k | FCM j), F^l'[k] = sum_j M[k, j] F^l[j].
+                    Many-to-one: no colour cluster is forced onto a class the image does not show.
+                    F^l' sums to 1 over k; a head cluster that covers much of a colour takes most of it.
+      "likelihood"  (evaluation's default) each head cluster by the colours of its pixels:
+                    M[k, j] = O[k, j] / sum_j O[k, j] = P(FCM j | head k), F^l'[k] = sum_j M[k, j] F^l[j],
+                    how typical the pixel's colour is of cluster k, whatever the cluster's size. F^l' is
+                    in [0, 1] but does not sum to 1 over k. ("soft" weighs cluster k by its share of the
+                    colour, so a large cluster gains wherever its colour is: the size prior that F^seg
+                    already holds, counted again. Measured on CamVid, README "Numbers".)
+      "hard"        the permutation of the K FCM clusters with the largest total overlap (Hungarian).
+    low_level, seg_scores (B, K, h, w) -> (B, K, h, w).
     Scores that are not finite (a diverged head) raise FloatingPointError, before any matching.
     """
+    if how not in ("soft", "likelihood", "hard"):
+        raise ValueError(f"align_clusters: how must be soft, likelihood or hard, got {how!r}")
     dtype = torch.promote_types(low_level.dtype, torch.float32)  # at least float32 (bf16 under autocast)
     probs = torch.softmax(seg_scores.to(dtype) / temperature, dim=1)  # (B, K, h, w)
     overlap = torch.einsum("bkhw,bjhw->bkj", probs, low_level.to(dtype))  # O (B, K, K)
     if not bool(torch.isfinite(overlap).all()):
         raise FloatingPointError("F^seg or F^l is not finite (NaN or inf) when aligning the clusters of eq (13)")
-    if soft:
-        mapping = overlap / overlap.sum(dim=1, keepdim=True).clamp_min(1e-12)  # M[k, j] = P(head k | FCM j)
+    if how != "hard":
+        over = 1 if how == "soft" else 2  # normalise over head clusters k (soft) or FCM clusters j (likelihood)
+        mapping = overlap / overlap.sum(dim=over, keepdim=True).clamp_min(1e-12)  # M (B, K, K)
         return torch.einsum("bkj,bjhw->bkhw", mapping, low_level.to(dtype)).to(low_level.dtype)
     overlap = overlap.cpu().numpy()
     order = np.empty(overlap.shape[:2], dtype=np.int64)  # order[b, k] = FCM cluster for head cluster k
@@ -136,8 +145,9 @@ def align_clusters(low_level, seg_scores, temperature=0.1, soft=True):
     return torch.gather(low_level, 1, index)
 
 
-def fuse(f_seg, f_low, alpha=0.5, temperature=0.1, soft=True):
-    """F^f = (1 - alpha) F^seg + alpha F^l, eq (13), after aligning F^l's clusters to F^seg's.
+def fuse(f_seg, f_low, alpha=0.5, temperature=0.1, how="soft"):
+    """F^f = (1 - alpha) F^seg + alpha F^l, eq (13), after aligning F^l's clusters to F^seg's (`how`:
+    align_clusters' soft, likelihood or hard).
 
     f_seg (B, K, h, w) cosines, f_low (B, K, h, w) low-level cluster probabilities, added as printed.
     alpha = 0: the high-level cue only; alpha = 1: the low-level cue only (Figure 5).
@@ -146,7 +156,7 @@ def fuse(f_seg, f_low, alpha=0.5, temperature=0.1, soft=True):
     if f_seg.shape != f_low.shape:
         raise ValueError(f"F_seg {tuple(f_seg.shape)} and F_l {tuple(f_low.shape)} must have the same shape")
     if alpha > 0:
-        f_low = align_clusters(f_low, f_seg.detach(), temperature, soft)
+        f_low = align_clusters(f_low, f_seg.detach(), temperature, how)
     return (1 - alpha) * f_seg + alpha * f_low  # eq (13)
 
 
@@ -197,7 +207,7 @@ def loss_terms(backbone, model, images, cfg, generator, low_level=None):
     codes, codes_aug = codes_both[:B], codes_both[B:]
 
     f_seg = cosine_to_centres(codes, model.global_centres)  # eq (2), F^seg: the head learns through it
-    f_fused = fuse(f_seg, f_low, cfg.alpha, soft=cfg.align == "soft")  # eq (13), F^f (B, K, h, w)
+    f_fused = fuse(f_seg, f_low, cfg.alpha, how=cfg.align)  # eq (13), F^f (B, K, h, w)
     # --fusion-in all: F^f is "the segmentation feature vector" of SmooSeg's terms too (Figure 5's reading)
     scores = f_fused if cfg.fusion_in == "all" else f_seg
     inner_local = cosine_to_centres(codes.detach(), model.local_centres)  # local centres learn from here
@@ -353,16 +363,16 @@ def make_code_fn(backbone, model):
 
 
 def make_low_level_fn(cfg, n_clusters, stride):
-    """For --eval-alpha > 0: F^l aligned to the clusters of `centres` as in training (align_clusters).
+    """For --eval-alpha > 0: F^l aligned to the clusters of `centres` by --eval-align (align_clusters).
     needs the run's FCM settings; (images, codes, centres) -> (B, K, h, w)."""
     low_level = low_level_branch(cfg, n_clusters, stride)
-    soft = cfg.align == "soft"
-    return lambda images, codes, centres: align_clusters(low_level(images), cosine_to_centres(codes, centres), soft=soft)
+    how = cfg.eval_align
+    return lambda images, codes, centres: align_clusters(low_level(images), cosine_to_centres(codes, centres), how=how)
 
 
 def run_evaluation(backbone, model, cfg, device, datasets, log=print):
     """evaluate.run_protocol for this model: codes from the backbone and head, the global centres as the
-    "centres" probe, F^l aligned as in training when --eval-alpha > 0."""
+    "centres" probe, F^l aligned by --eval-align when --eval-alpha > 0."""
     low_level_fn = make_low_level_fn(cfg, model.global_centres.shape[0], backbone.stride) if cfg.eval_alpha > 0 else None
     return evaluate.run_protocol(make_code_fn(backbone, model), model.global_centres, datasets, cfg, device,
                                  low_level_fn, log)

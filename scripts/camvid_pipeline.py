@@ -68,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--train-frames", type=int, default=367, help="CamVid train frames (evenly spaced)")
     p.add_argument("--fit-frames", type=int, default=60, help="train frames whose codes fit k-means (evenly spaced)")
     p.add_argument("--val-frames", type=int, default=48, help="CamVid val frames evaluated (evenly spaced)")
+    p.add_argument("--eval-split", choices=["val", "train"], default="val",
+                   help="where the scores come from: val, or (to CHOOSE an option without looking at val) --val-frames "
+                        "train frames evenly spaced over those not in the k-means fit set (the head trains on all "
+                        "train frames, without labels)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds")
     p.add_argument("--kmeans-seeds", type=int, default=3)
     p.add_argument("--kmeans-restarts", type=int, default=3, help="k-means runs per seed (lowest loss kept)")
@@ -89,8 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--study-alphas", default="0,0.5", help="training alphas whose models get the fusion study")
     p.add_argument("--candidates", default="printed+hard,printed+soft,keep-scale+hard,keep-scale+soft,poe+soft",
                    help="eval-time fusions compared, KIND+ALIGN: printed (softmax(2 F^f), the fusion as printed), "
-                        "keep-scale (evaluate.fused_probs), poe, mix, crf-first; ALIGN soft or hard (il2vseg.align_clusters) "
-                        "or lik (each head cluster's distribution over the FCM clusters, rows of the overlap normalised)")
+                        "keep-scale (evaluate.fused_probs), poe, mix, crf-first; ALIGN soft, likelihood or hard "
+                        "(il2vseg.align_clusters); a suffix @A gives the candidate its own eval alpha (default --eval-alpha)")
     p.add_argument("--no-crf", action="store_true")
     p.add_argument("--workers", type=int, default=2, help="training runs in parallel (forked processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: no thread thrashing "
@@ -186,11 +190,14 @@ def fit_lda(standin, images, labels, gain=2.0):
 # Data: frames decoded and resized once
 # ----------------------------------------------------------------------------------------------
 
-def eval_frames(root, split, crop, length):
-    """The project's eval geometry (short side -> crop, centre crop): images (N, 3, c, c), labels (N, c, c)."""
-    ds = data.build_dataset("camvid", root, split, mode="eval", crop_size=crop, length=length)
+def eval_frames(root, split, crop, length, exclude=()):
+    """The project's eval geometry (short side -> crop, centre crop): images (N, 3, c, c), labels (N, c, c) of
+    `length` frames evenly spaced over the split's frames whose names are not in `exclude`."""
+    ds = data.build_dataset("camvid", root, split, mode="eval", crop_size=crop)
+    ds.samples = data.evenly_spaced([s for s in ds.samples if s["name"] not in set(exclude)], length)
     items = [ds[i] for i in range(len(ds))]
-    return torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items])
+    return (torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
+            [s["name"] for s in ds.samples])
 
 
 def cached_train_set(root, crop, length, seed):
@@ -216,11 +223,11 @@ cached_train_set.cache = {}
 PROJECT_FUSE = il2vseg.fuse
 
 
-def range_fuse(f_seg, f_low, alpha=0.5, temperature=0.1, soft=True):
+def range_fuse(f_seg, f_low, alpha=0.5, temperature=0.1, how="soft"):
     """A study variant of eq (13), not an option of il2vseg: F^l mapped from [0, 1] onto the cosines' [-1, 1],
     (1 - a) F^seg + a (2 F^l - 1)."""
     if alpha > 0:
-        f_low = il2vseg.align_clusters(f_low, f_seg.detach(), temperature, soft)
+        f_low = il2vseg.align_clusters(f_low, f_seg.detach(), temperature, how)
     return (1 - alpha) * f_seg + alpha * (2 * f_low - 1)
 
 
@@ -305,16 +312,11 @@ def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf,
             aligned = {}  # F^l's clusters matched to this probe's (il2vseg.align_clusters, soft or hard)
             for tag, kind, reading in unaries:
                 kind, _, how = kind.partition("+")
+                how, _, at = how.partition("@")  # KIND+ALIGN@ALPHA: this candidate's own eval alpha
+                a = float(at) if at else alpha
                 if reading is not None and (reading, how) not in aligned:
-                    if how == "lik":  # P(FCM j | head k) instead of P(head k | FCM j): no class-size prior
-                        low_b = lows[reading][s:s + batch].float()  # (B, K, h, w)
-                        overlap = torch.einsum("bkhw,bjhw->bkj", torch.softmax(scores.float() / 0.1, dim=1), low_b)
-                        mapping = overlap / overlap.sum(dim=2, keepdim=True).clamp_min(1e-12)
-                        aligned[reading, how] = torch.einsum("bkj,bjhw->bkhw", mapping, low_b)
-                    else:
-                        aligned[reading, how] = il2vseg.align_clusters(lows[reading][s:s + batch], scores,
-                                                                       soft=how != "hard")
-                p = fused_unary(kind, c, centres, lab.shape[-2:], aligned.get((reading, how)), alpha)  # (B, K, H, W)
+                    aligned[reading, how] = il2vseg.align_clusters(lows[reading][s:s + batch], scores, how=how)
+                p = fused_unary(kind, c, centres, lab.shape[-2:], aligned.get((reading, how)), a)  # (B, K, H, W)
                 pred = p.argmax(1)
                 conf[name, tag][0] += evaluate.confusion_matrix(pred, lab, K, K)
                 entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
@@ -323,7 +325,7 @@ def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf,
                     refined = crf.run_crf(evaluate.fused_probs(c, centres, lab.shape[-2:]), kernels, 10)
                     low = F.interpolate(aligned[reading, how].float(), size=lab.shape[-2:], mode="bilinear",
                                         align_corners=False)
-                    pred_crf = (refined.clamp_min(1e-12).log() + alpha / (1 - alpha) * 2.0 * low).argmax(1)
+                    pred_crf = (refined.clamp_min(1e-12).log() + a / (1 - a) * 2.0 * low).argmax(1)
                     conf[name, tag][1] += evaluate.confusion_matrix(pred_crf, lab, K, K)
                     changed = float((pred_crf != pred).float().sum())
                 elif use_crf:
@@ -339,7 +341,7 @@ def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf,
 
 
 def compact(s):
-    return {"acc": s["acc"], "miou": s["miou"], "iou": s["iou"]}
+    return {"acc": s["acc"], "miou": s["miou"], "iou": s["iou"], "confusion": s["confusion"]}  # matched (class, class)
 
 
 def kmeans_probes(fit_codes, args):
@@ -455,12 +457,13 @@ def main(argv=None):
     affinities = args.affinities.split(",")
     study_alphas = [float(a) for a in args.study_alphas.split(",")] if args.study_alphas else []
     candidates = args.candidates.split(",") if args.candidates else []
-    if args.eval_alpha >= 1 and "keep-scale" in candidates:
+    if any(float(c.partition("@")[2] or args.eval_alpha) >= 1 for c in candidates if "keep-scale" in c):
         raise SystemExit("--eval-alpha must be < 1 for keep-scale")
 
     # frames, decoded once: val and the k-means fit set in eval geometry, train resized for random crops
-    val_images, val_labels = eval_frames(args.root, "val", args.crop, args.val_frames)
-    fit_images, fit_labels = eval_frames(args.root, "train", args.crop, args.fit_frames)
+    fit_images, fit_labels, fit_names = eval_frames(args.root, "train", args.crop, args.fit_frames)
+    val_images, val_labels, _ = eval_frames(args.root, args.eval_split, args.crop, args.val_frames,
+                                            exclude=fit_names if args.eval_split == "train" else ())
     stats_images = fit_images[torch.linspace(0, len(fit_images) - 1, min(32, len(fit_images))).long()]
     backbone = StandIn(stats_images)
     if args.standin == "lda":
@@ -515,7 +518,7 @@ def main(argv=None):
     # tables
     class_names = data.DATASETS["camvid"]["class_names"]
     settings = {k: v for k, v in vars(args).items()}
-    print(f"\n## CamVid pipeline, stand-in '{args.standin}' (fusion-in {args.fusion_in}, F^l scale {args.fl_scale}, "
+    print(f"\n## CamVid pipeline, scored on {args.eval_split}, stand-in '{args.standin}' (fusion-in {args.fusion_in}, F^l scale {args.fl_scale}, "
           f"training alignment {args.align}, radius {args.radius}, sigma {args.fcm_sigma}, EMA "
           f"{args.ema if args.ema is not None else 0.998 ** (3000 / args.steps):.4f})\n")
     print(f"{args.steps} steps x batch {args.batch_size}, crop {args.crop} (train random crop of {args.train_frames} "
@@ -546,7 +549,8 @@ def main(argv=None):
         if groups:
             print(f"Per-class IoU, probe k-means, {groups[0][0]}:\n")
             print(class_table(groups[0][1], "kmeans", [t for t in groups[0][2] if t.split(" ")[0] in
-                                                       ("none", "printed+hard", "keep-scale+soft")], class_names) + "\n")
+                                                       ("none", "printed+hard", "keep-scale+soft")
+                                                       or t.startswith("keep-scale+likelihood")], class_names) + "\n")
     elapsed = time.time() - started
     print(f"wall time {elapsed:.0f} s")
     payload = {"settings": settings, "standin_cosine": {"within": cos_in, "across": cos_across},

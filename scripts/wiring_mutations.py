@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (file, the line as it is, the mistake)
 MUTATIONS = [
-    ("il2vseg.py", "f_fused = fuse(f_seg, f_low, cfg.alpha, soft=", "f_fused = fuse(f_seg, f_low, 0.0, soft="),
+    ("il2vseg.py", "f_fused = fuse(f_seg, f_low, cfg.alpha, how=", "f_fused = fuse(f_seg, f_low, 0.0, how="),
     ("il2vseg.py", "augmented = data.photometric_augment(images, generator=generator)",
      "augmented = images + 0 * data.photometric_augment(images, generator=generator)"),
     ("il2vseg.py", "total, values = losses.total_loss(terms, beta=cfg.beta, gamma=cfg.gamma,",
@@ -54,7 +54,7 @@ MUTATIONS = [
     ("il2vseg.py", "n_clusters=n_clusters, m=cfg.fcm_m, sigma=cfg.fcm_sigma,", "n_clusters=n_clusters, m=cfg.fcm_m, sigma=0.1,"),
     ("il2vseg.py", "return evaluate.run_protocol(make_code_fn(backbone, model), model.global_centres, datasets, cfg, device,",
      "return evaluate.run_protocol(make_code_fn(backbone, model), model.local_centres.detach(), datasets, cfg, device,"),
-    ("il2vseg.py", "return lambda images, codes, centres: align_clusters(low_level(images), cosine_to_centres(codes, centres), soft=soft)",
+    ("il2vseg.py", "return lambda images, codes, centres: align_clusters(low_level(images), cosine_to_centres(codes, centres), how=how)",
      "return lambda images, codes, centres: low_level(images)"),
     ("evaluate.py", "vectors = collect_codes(code_fn, loader(val_set if cfg.kmeans_fit == \"val\" else fit_set), device,",
      "vectors = collect_codes(code_fn, loader(val_set), device,"),
@@ -72,11 +72,12 @@ MUTATIONS = [
      "vectors = collect_codes(code_fn, loader(val_set if cfg.kmeans_fit == \"val\" else fit_set), device,\n                                flip=False)"),
     ("evaluate.py", "pred_crf = refine_with_crf(images, probs, crf_kwargs).argmax(dim=1)  # (B, H, W)",
      "pred_crf = refine_with_crf(images, fused_probs(codes, centres, labels.shape[-2:], None, 0.0, scale), crf_kwargs).argmax(dim=1)"),
-    ("il2vseg.py", "f_low = align_clusters(f_low, f_seg.detach(), temperature, soft)",
-     "f_low = align_clusters(f_low, f_low, temperature, soft)"),
-    ("il2vseg.py", "f_fused = fuse(f_seg, f_low, cfg.alpha, soft=cfg.align == \"soft\")",
+    ("il2vseg.py", "f_low = align_clusters(f_low, f_seg.detach(), temperature, how)",
+     "f_low = align_clusters(f_low, f_low, temperature, how)"),
+    ("il2vseg.py", "f_fused = fuse(f_seg, f_low, cfg.alpha, how=cfg.align)",
      "f_fused = fuse(f_seg, f_low, cfg.alpha)"),
-    ("il2vseg.py", "return lambda images, codes, centres: align_clusters(low_level(images), cosine_to_centres(codes, centres), soft=soft)",
+    ("il2vseg.py", "how = cfg.eval_align", "how = cfg.align"),
+    ("il2vseg.py", "return lambda images, codes, centres: align_clusters(low_level(images), cosine_to_centres(codes, centres), how=how)",
      "return lambda images, codes, centres: align_clusters(low_level(images), cosine_to_centres(codes, centres))"),
 ]
 

@@ -87,20 +87,22 @@ def test_align_clusters_recovers_a_known_permutation():
     seg = torch.softmax(torch.randn(3, 5, 6, 7) * 4, dim=1)
     perms = [torch.randperm(5) for _ in range(3)]
     shuffled = torch.stack([seg[b, perms[b]] for b in range(3)])
-    torch.testing.assert_close(il2vseg.align_clusters(shuffled, seg.log(), soft=False), seg)
+    torch.testing.assert_close(il2vseg.align_clusters(shuffled, seg.log(), how="hard"), seg)
     one_hot = torch.nn.functional.one_hot(seg.argmax(1), 5).permute(0, 3, 1, 2).double()  # hard maps: soft = permutation
     shuffled = torch.stack([one_hot[b, perms[b]] for b in range(3)])
     torch.testing.assert_close(il2vseg.align_clusters(shuffled, one_hot.log()), one_hot)
 
 
-def test_soft_alignment_matches_a_loop_reference():
-    """M[k, j] = O[k, j] / sum_k O[k, j] with O[k, j] = sum_pixels softmax(scores / 0.1)[k] F_l[j], then
-    F_l'[k] = sum_j M[k, j] F_l[j]: each FCM cluster goes where its pixels are."""
+@pytest.mark.parametrize("how", ["soft", "likelihood"])
+def test_soft_and_likelihood_alignment_match_a_loop_reference(how):
+    """O[k, j] = sum_pixels softmax(scores / 0.1)[k] F_l[j]; soft: M[k, j] = O[k, j] / sum_k O[k, j] (each FCM
+    cluster goes where its pixels are), likelihood: M[k, j] = O[k, j] / sum_j O[k, j] (each head cluster by
+    the colours of its pixels); then F_l'[k] = sum_j M[k, j] F_l[j]."""
     torch.manual_seed(4)
     scores = torch.randn(2, 3, 2, 3, dtype=torch.float64)
     low = torch.softmax(torch.randn(2, 4, 2, 3, dtype=torch.float64) * 2, dim=1)[:, :3]
     low = low / low.sum(1, keepdim=True)  # K = 3
-    aligned = il2vseg.align_clusters(low, scores)
+    aligned = il2vseg.align_clusters(low, scores, how=how)
     for b in range(2):
         probs = torch.softmax(scores[b] / 0.1, dim=0)
         overlap = [[sum(float(probs[k, i, j] * low[b, c, i, j]) for i in range(2) for j in range(3))
@@ -108,10 +110,30 @@ def test_soft_alignment_matches_a_loop_reference():
         for k in range(3):
             for i in range(2):
                 for j in range(3):
-                    expected = sum(overlap[k][c] / sum(overlap[q][c] for q in range(3)) * float(low[b, c, i, j])
-                                   for c in range(3))
+                    if how == "soft":
+                        weights = [overlap[k][c] / sum(overlap[q][c] for q in range(3)) for c in range(3)]
+                    else:
+                        weights = [overlap[k][c] / sum(overlap[k][q] for q in range(3)) for c in range(3)]
+                    expected = sum(weights[c] * float(low[b, c, i, j]) for c in range(3))
                     assert abs(float(aligned[b, k, i, j]) - expected) < 1e-12
-    torch.testing.assert_close(aligned.sum(1), torch.ones(2, 2, 3, dtype=torch.float64))
+    if how == "soft":
+        torch.testing.assert_close(aligned.sum(1), torch.ones(2, 2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="soft, likelihood or hard"):
+        il2vseg.align_clusters(low, scores, how="Soft")
+
+
+def test_likelihood_alignment_does_not_favour_the_larger_cluster():
+    """Two head clusters of ONE colour, one covering 9 pixels and one 1 pixel: soft hands the colour's
+    membership to them by their share (0.9 / 0.1), likelihood gives both all of it (each is all that colour)."""
+    scores = torch.full((1, 2, 1, 10), -10.0)
+    scores[0, 0, 0, :9] = 10.0
+    scores[0, 1, 0, 9] = 10.0  # head cluster 0: 9 pixels, head cluster 1: 1 pixel
+    low = torch.zeros(1, 2, 1, 10)
+    low[0, 0] = 1.0  # every pixel has FCM colour cluster 0
+    soft = il2vseg.align_clusters(low, scores, how="soft")
+    likelihood = il2vseg.align_clusters(low, scores, how="likelihood")
+    torch.testing.assert_close(soft[0, :, 0, 0], torch.tensor([0.9, 0.1]))
+    torch.testing.assert_close(likelihood[0, :, 0, 0], torch.tensor([1.0, 1.0]))
 
 
 def test_align_clusters_matches_brute_force_over_all_permutations():
@@ -121,27 +143,27 @@ def test_align_clusters_matches_brute_force_over_all_permutations():
     torch.manual_seed(3)
     scores = torch.randn(2, 4, 3, 5, dtype=torch.float64)
     low = torch.softmax(torch.randn(2, 4, 3, 5, dtype=torch.float64) * 2, dim=1)
-    aligned = il2vseg.align_clusters(low, scores, soft=False)
+    aligned = il2vseg.align_clusters(low, scores, how="hard")
     for b in range(2):
         probs = torch.softmax(scores[b] / 0.1, dim=0)
         overlap = [[sum(float(probs[k, i, j] * low[b, c, i, j]) for i in range(3) for j in range(5))
                     for c in range(4)] for k in range(4)]
         best = max(itertools.permutations(range(4)), key=lambda p: sum(overlap[k][p[k]] for k in range(4)))
         torch.testing.assert_close(aligned[b], low[b, list(best)])
-    for soft in (True, False):
+    for how in ("soft", "likelihood", "hard"):
         with pytest.raises(FloatingPointError, match="not finite"):
-            il2vseg.align_clusters(low, scores * float("nan"), soft=soft)
+            il2vseg.align_clusters(low, scores * float("nan"), how=how)
 
 
-@pytest.mark.parametrize("soft", [True, False])
-def test_fused_result_does_not_depend_on_fcm_cluster_order(soft):
+@pytest.mark.parametrize("how", ["soft", "likelihood", "hard"])
+def test_fused_result_does_not_depend_on_fcm_cluster_order(how):
     torch.manual_seed(1)
     f_seg = torch.randn(2, 4, 5, 5).tanh()
     f_low = torch.softmax(torch.randn(2, 4, 5, 5) * 3, dim=1)
-    fused = il2vseg.fuse(f_seg, f_low, alpha=0.5, soft=soft)
+    fused = il2vseg.fuse(f_seg, f_low, alpha=0.5, how=how)
     for _ in range(3):
         perm = torch.randperm(4)
-        torch.testing.assert_close(il2vseg.fuse(f_seg, f_low[:, perm], alpha=0.5, soft=soft), fused)
+        torch.testing.assert_close(il2vseg.fuse(f_seg, f_low[:, perm], alpha=0.5, how=how), fused)
 
 
 def test_fuse_eq13_endpoints_and_weights():
@@ -191,7 +213,7 @@ def test_functions_copy_alone():
     il2vseg.ema_update(g2, local, 0.9)
     assert torch.equal(g1, g2)
     f_seg, f_low = torch.randn(2, 6, 3, 4).tanh(), torch.softmax(torch.randn(2, 6, 3, 4), dim=1)
-    for soft in (True, False):
-        assert torch.equal(paste_alone("il2vseg", "align_clusters")(f_low, f_seg, soft=soft),
-                           il2vseg.align_clusters(f_low, f_seg, soft=soft))
+    for how in ("soft", "likelihood", "hard"):
+        assert torch.equal(paste_alone("il2vseg", "align_clusters")(f_low, f_seg, how=how),
+                           il2vseg.align_clusters(f_low, f_seg, how=how))
     assert torch.equal(paste_alone("il2vseg", "fuse")(f_seg, f_low, 0.3), il2vseg.fuse(f_seg, f_low, 0.3))

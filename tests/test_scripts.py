@@ -29,13 +29,26 @@ def test_camvid_pipeline_trains_evaluates_and_prints_every_table(tmp_path):
                          "--batch-size", "2", "--seeds", "1", "--kmeans-seeds", "1", "--kmeans-restarts", "1",
                          "--val-frames", "3", "--fit-frames", "3", "--train-frames", "6", "--alphas", "0,0.5",
                          "--affinities", "local", "--crop", "64", "--workers", "1", "--quiet",
-                         "--candidates", "keep-scale+soft,crf-first+lik,printed+hard")
+                         "--candidates", "keep-scale+soft,crf-first+likelihood,printed+hard,keep-scale+likelihood@0.25")
     for heading in ("Raw-feature baseline", "Alpha sweep", "Eval-time fusion", "Per-class IoU"):
         assert heading in printed, heading
-    for unary in ("keep-scale+soft [local]", "crf-first+lik [local]", "printed+hard [local]"):
+    for unary in ("keep-scale+soft [local]", "crf-first+likelihood [local]", "printed+hard [local]",
+                  "keep-scale+likelihood@0.25 [local]"):
         assert f"| α 0.0, — | {unary} |" in printed, unary
     assert "| local | 0.5 |" in printed
     assert out.is_file() and json.loads(out.read_text())
+    assert "scored on val" in printed
+
+
+def test_camvid_pipeline_selection_split_is_train_frames_outside_the_kmeans_fit_set():
+    root = need_shared("data", "camvid")
+    spec = importlib.util.spec_from_file_location("camvid_pipeline", REPO / "scripts" / "camvid_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, _, fit_names = module.eval_frames(str(root), "train", 32, 5)
+    images, labels, names = module.eval_frames(str(root), "train", 32, 4, exclude=fit_names)
+    assert len(names) == 4 and not set(names) & set(fit_names)
+    assert images.shape == (4, 3, 32, 32) and labels.shape == (4, 32, 32)
 
 
 def test_camvid_lowlevel_scores_every_reading():

@@ -255,21 +255,22 @@ def test_eval_takes_the_head_and_the_low_level_settings_from_the_checkpoint(tmp_
     assert il2vseg.main(["--eval", "--eval-alpha", "0.5"] + common) == 0  # the command line's defaults differ
     cfg = seen[0]
     assert (cfg.dim, cfg.fcm_iters, cfg.fcm_m, cfg.fcm_sigma) == (16, 3, 1.5, 0.2)
-    assert (cfg.affinity, cfg.radius, cfg.align, cfg.eval_alpha) == ("global", 1, "hard", 0.5)
+    assert (cfg.affinity, cfg.radius, cfg.eval_alpha) == ("global", 1, 0.5)
+    assert cfg.eval_align == "likelihood"  # an evaluation setting: the command line's, not training's --align
     # what the command line gives wins, also when it is the parser's default
     assert il2vseg.main(["--eval", "--eval-alpha", "0.5", "--radius", "3", "--affinity", "local", "--dim", "64"]
                         + common) == 0
-    assert (seen[1].affinity, seen[1].radius, seen[1].align, seen[1].fcm_sigma) == ("local", 3, "hard", 0.2)
+    assert (seen[1].affinity, seen[1].radius, seen[1].fcm_sigma) == ("local", 3, 0.2)
     assert seen[1].dim == 16  # a shape, not a choice: the checkpoint's whatever --dim says
 
 
 def test_checkpoints_from_before_a_setting_existed_and_bad_stored_settings():
     cfg = cli.resolve_defaults(cli.parse_args(["--radius", "2"]), torch.device("cpu"))
-    cli.take_from_checkpoint(cfg, {"dim": 16}, "old.pt")  # written before --affinity and --align existed
-    assert (cfg.dim, cfg.radius, cfg.affinity, cfg.align, cfg.fcm_sigma) == (16, 2, "global", "hard", 0.1)
+    cli.take_from_checkpoint(cfg, {"dim": 16}, "old.pt")  # written before --affinity existed
+    assert (cfg.dim, cfg.radius, cfg.affinity, cfg.fcm_sigma) == (16, 2, "global", 0.1)
     for stored, message in [({"radius": 0}, r"--radius must lie in \[1, 64\], got 0"),
                             ({"fcm_sigma": "wide"}, "--fcm-sigma must be a finite number > 0"),
-                            ({"align": "sideways"}, "--align sideways")]:
+                            ({"affinity": "sideways"}, "--affinity sideways")]:
         cfg = cli.resolve_defaults(cli.parse_args([]), torch.device("cpu"))
         with pytest.raises(ValueError, match="forged.pt: its settings: " + message):
             cli.take_from_checkpoint(cfg, stored, "forged.pt")

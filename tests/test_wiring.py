@@ -222,7 +222,7 @@ def test_the_align_switch_reaches_eq13(tmp_path, monkeypatch):
         il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0), lambda x: cue)
         codes, fused, _ = spy.calls[0][0]
         f_seg = il2vseg.cosine_to_centres(codes, model.global_centres)
-        expected = il2vseg.align_clusters(cue, f_seg, soft=align == "soft")
+        expected = il2vseg.align_clusters(cue, f_seg, how=align)
         torch.testing.assert_close(fused, 0.4 * f_seg + 0.6 * expected)
         monkeypatch.undo()
 
@@ -338,17 +338,21 @@ def test_no_flip_tta_and_no_crf_change_what_they_say_and_nothing_else(tmp_path, 
         assert plain["probes"][probe]["before_crf"] == with_crf["probes"][probe]["before_crf"], probe
 
 
-@pytest.mark.parametrize("align", ["soft", "hard"])
+@pytest.mark.parametrize("align", [None, "likelihood", "soft", "hard"])
 def test_eval_alpha_fuses_the_aligned_low_level_cue_of_the_evaluated_images(tmp_path, monkeypatch, align):
+    """--eval-align (default likelihood) decides the alignment at evaluation, not training's --align."""
+    train_align = "soft" if align in (None, "likelihood", "hard") else "hard"
     cfg, _, model, spies, _ = run_evaluation_spied(tmp_path, monkeypatch, "--eval-alpha", "0.4", "--no-crf",
-                                                   "--align", align)
+                                                   "--align", train_align,
+                                                   *(["--eval-align", align] if align else []))
+    align = align or "likelihood"
     kwargs = spies["evaluate"].calls[0][1]
     assert kwargs["alpha"] == 0.4 and kwargs["low_level_fn"] is not None
     images = torch.rand(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))
     codes, centres = torch.randn(2, 8, 4, 4), torch.randn(K, 8)
     f_low = fcm.low_level_cue(images, K, sigma=cfg.fcm_sigma, patch=8, affinity=cfg.affinity, radius=cfg.radius,
                               max_iter=3)
-    expected = il2vseg.align_clusters(f_low, il2vseg.cosine_to_centres(codes, centres), soft=align == "soft")
+    expected = il2vseg.align_clusters(f_low, il2vseg.cosine_to_centres(codes, centres), how=align)
     torch.testing.assert_close(kwargs["low_level_fn"](images, codes, centres), expected)
 
 
