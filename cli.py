@@ -106,7 +106,7 @@ def parse_args(argv=None):
     e.add_argument("--eval-alpha", type=float, default=0.0, help="also fuse F_l into the evaluated prediction, eq (13)")
     e.add_argument("--eval-align", choices=["likelihood", "soft", "hard"], default="likelihood",
                    help="--eval-alpha's cluster correspondence: F^l by how typical a colour is of each cluster "
-                        "(the CRF keeps helping after fusion), as --align soft, or a permutation")
+                        "(with --eval-alpha 0.25 the CRF still helps after fusion), as --align soft, or a permutation")
     e.add_argument("--eval-batch-size", type=int, default=8, help="images per evaluation batch")
     e.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     e.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", help="do not average the codes of the mirrored image")

@@ -239,13 +239,14 @@ def flip_tta(code_fn, images):
 def fused_probs(codes, centres, size, low=None, alpha=0.0, scale=2.0):
     """Cluster probabilities (B, K, H, W) at `size`, fused with the low-level cue by eq (13) when alpha > 0.
 
-    low: F^l (B, K, h', w') ALREADY ALIGNED to the K probe clusters, any resolution (bilinearly resized to
-    `size`). Eq (13) on the scores, as in training, F^f = (1 - alpha) cos + alpha F^l, decides the argmax.
+    low: F^l (B, K, h', w') ALREADY ALIGNED to the K probe clusters (il2vseg: by --eval-align), any resolution
+    (bilinearly resized to `size`); values in [0, 1], not necessarily summing to 1 over K.
+    Eq (13) on the scores, as in training, F^f = (1 - alpha) cos + alpha F^l, decides the argmax.
     The probabilities are softmax(scale F^f / (1 - alpha)) = softmax(scale cos + alpha / (1 - alpha) scale F^l):
     the same argmax, but the high-level cue keeps the sharpness it has without fusion. (softmax(scale F^f)
     itself would shrink the high-level logits by (1 - alpha) and hand the CRF a flatter unary, which its
     fixed pairwise weights then overrule: on CamVid that made the CRF lose accuracy after fusion.)
-    alpha = 1: F^l alone (its probabilities as they are).
+    alpha = 1: F^l alone, divided by its sum over K (the argmax of F^l, as eq (13) at alpha 1).
     needs: cluster_log_probs
     """
     log_probs = cluster_log_probs(codes, centres, size=size, scale=scale)  # (B, K, H, W)

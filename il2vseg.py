@@ -116,8 +116,10 @@ def align_clusters(low_level, seg_scores, temperature=0.1, how="soft"):
                     Many-to-one: no colour cluster is forced onto a class the image does not show.
                     F^l' sums to 1 over k; a head cluster that covers much of a colour takes most of it.
       "likelihood"  (evaluation's default) each head cluster by the colours of its pixels:
-                    M[k, j] = O[k, j] / sum_j O[k, j] = P(FCM j | head k), F^l'[k] = sum_j M[k, j] F^l[j],
-                    how typical the pixel's colour is of cluster k, whatever the cluster's size. F^l' is
+                    M[k, j] = O[k, j] / (sum_j O[k, j] + 1) ~ P(FCM j | head k), F^l'[k] = sum_j M[k, j] F^l[j],
+                    how typical the pixel's colour is of cluster k, nearly whatever the cluster's size. The
+                    + 1 (one grid cell of mass) lets a cluster the image does not show get no colour
+                    evidence instead of the colours of the few pixels where it is least unlikely. F^l' is
                     in [0, 1] but does not sum to 1 over k. ("soft" weighs cluster k by its share of the
                     colour, so a large cluster gains wherever its colour is: the size prior that F^seg
                     already holds, counted again. Measured on CamVid, README "Numbers".)
@@ -132,10 +134,12 @@ def align_clusters(low_level, seg_scores, temperature=0.1, how="soft"):
     overlap = torch.einsum("bkhw,bjhw->bkj", probs, low_level.to(dtype))  # O (B, K, K)
     if not bool(torch.isfinite(overlap).all()):
         raise FloatingPointError("F^seg or F^l is not finite (NaN or inf) when aligning the clusters of eq (13)")
+    if how == "soft":
+        mapping = overlap / overlap.sum(dim=1, keepdim=True).clamp_min(1e-12)  # M[k, j] = P(head k | FCM j)
+    elif how == "likelihood":
+        mapping = overlap / (overlap.sum(dim=2, keepdim=True) + 1.0)  # M[k, j] ~ P(FCM j | head k), + 1 cell
     if how != "hard":
-        over = 1 if how == "soft" else 2  # normalise over head clusters k (soft) or FCM clusters j (likelihood)
-        mapping = overlap / overlap.sum(dim=over, keepdim=True).clamp_min(1e-12)  # M (B, K, K)
-        return torch.einsum("bkj,bjhw->bkhw", mapping, low_level.to(dtype)).to(low_level.dtype)
+        return torch.einsum("bkj,bjhw->bkhw", mapping, low_level.to(dtype)).to(low_level.dtype)  # (B, K, h, w)
     overlap = overlap.cpu().numpy()
     order = np.empty(overlap.shape[:2], dtype=np.int64)  # order[b, k] = FCM cluster for head cluster k
     for b in range(overlap.shape[0]):

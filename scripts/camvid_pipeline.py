@@ -19,7 +19,7 @@ What it prints (markdown) and writes (--out JSON):
   2. the alpha sweep of Figure 5 (training alpha 0 .. 1, per affinity reading of eqs 9-12), mean +- std
      over training seeds and k-means seeds, before / after the CRF, for both probes (k-means, centres);
   3. eq (13) at evaluation (--eval-alpha): evaluate.fused_probs ("keep-scale") beside the fusion as printed
-     and other candidates, with soft or hard cluster alignment, the sharpness of the unary fed to the CRF
+     and other candidates, with soft, likelihood or hard cluster alignment, the sharpness of the unary fed to the CRF
      and how much the CRF changes.
 Expensive parts are shared: frames are decoded once, the stand-in's eval features and F^l are cached,
 one code pass feeds every probe, and one CRF lattice per batch of frames serves every probe and candidate unary.
@@ -275,7 +275,8 @@ def fused_unary(kind, codes, centres, size, low, alpha, scale=2.0):
     if kind == "poe":
         return torch.softmax((1 - alpha) * log_p + alpha * low.clamp_min(1e-6).log(), dim=1)
     if kind == "mix":
-        return (1 - alpha) * log_p.exp() + alpha * low
+        mixed = (1 - alpha) * log_p.exp() + alpha * low
+        return mixed / mixed.sum(dim=1, keepdim=True).clamp_min(1e-12)  # F^l need not sum to 1 (likelihood)
     raise ValueError(kind)
 
 
@@ -309,7 +310,7 @@ def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf,
         kernels = crf_kernels(im) if use_crf else None
         for name, centres in probes.items():
             scores = il2vseg.cosine_to_centres(c, centres)
-            aligned = {}  # F^l's clusters matched to this probe's (il2vseg.align_clusters, soft or hard)
+            aligned = {}  # F^l's clusters matched to this probe's (il2vseg.align_clusters: soft, likelihood, hard)
             for tag, kind, reading in unaries:
                 kind, _, how = kind.partition("+")
                 how, _, at = how.partition("@")  # KIND+ALIGN@ALPHA: this candidate's own eval alpha
@@ -457,8 +458,18 @@ def main(argv=None):
     affinities = args.affinities.split(",")
     study_alphas = [float(a) for a in args.study_alphas.split(",")] if args.study_alphas else []
     candidates = args.candidates.split(",") if args.candidates else []
-    if any(float(c.partition("@")[2] or args.eval_alpha) >= 1 for c in candidates if "keep-scale" in c):
-        raise SystemExit("--eval-alpha must be < 1 for keep-scale")
+    for c in candidates:  # KIND+ALIGN[@ALPHA], checked before any work
+        kind, _, rest = c.partition("+")
+        how, _, at = rest.partition("@")
+        try:
+            a = float(at) if at else args.eval_alpha
+        except ValueError:
+            raise SystemExit(f"--candidates {c}: {at!r} is not a number") from None
+        if kind not in ("printed", "keep-scale", "poe", "mix", "crf-first") or how not in ("soft", "likelihood", "hard"):
+            raise SystemExit(f"--candidates {c}: not KIND+ALIGN[@ALPHA] with KIND printed, keep-scale, poe, mix or "
+                             f"crf-first and ALIGN soft, likelihood or hard")
+        if not (0 < a < 1 if kind in ("keep-scale", "crf-first") else 0 < a <= 1):
+            raise SystemExit(f"--candidates {c}: eval alpha {a} must lie in (0, 1) for {kind}, in (0, 1] otherwise")
 
     # frames, decoded once: val and the k-means fit set in eval geometry, train resized for random crops
     fit_images, fit_labels, fit_names = eval_frames(args.root, "train", args.crop, args.fit_frames)
@@ -481,7 +492,7 @@ def main(argv=None):
     cos_in = float(torch.einsum("bdn,bdm->bnm", unit, unit).mean())
     cos_across = float(torch.einsum("bdn,bdm->bnm", unit, unit.roll(1, 0)).mean())
     say(f"stand-in '{args.standin}': {backbone.dim} channels at stride 8; mean feature cosine within an image "
-        f"{cos_in:.2f}, across images {cos_across:.2f}; {len(val_images)} val frames, {len(fit_images)} k-means fit "
+        f"{cos_in:.2f}, across images {cos_across:.2f}; {len(val_images)} {args.eval_split} frames scored, {len(fit_images)} k-means fit "
         f"frames, crop {args.crop} ({time.time() - started:.0f} s)")
 
     # 1. raw-feature baseline: k-means on the stand-in's features, no training
@@ -522,7 +533,8 @@ def main(argv=None):
           f"training alignment {args.align}, radius {args.radius}, sigma {args.fcm_sigma}, EMA "
           f"{args.ema if args.ema is not None else 0.998 ** (3000 / args.steps):.4f})\n")
     print(f"{args.steps} steps x batch {args.batch_size}, crop {args.crop} (train random crop of {args.train_frames} "
-          f"frames resized to short side {args.crop}; eval centre crop), {len(val_images)} val frames evenly spaced, "
+          f"frames resized to short side {args.crop}; eval centre crop), {len(val_images)} {args.eval_split} frames evenly spaced"
+          f"{' (outside the k-means fit set)' if args.eval_split == 'train' else ''}, "
           f"k-means fit on {len(fit_images)} train frames, {args.seeds} training seeds x {args.kmeans_seeds} k-means "
           f"seeds; cells are mean ± std over training seeds (k-means: of the per-seed mean over k-means seeds); "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
@@ -544,13 +556,14 @@ def main(argv=None):
                 groups.append((f"α {a}, {lab}", recs, tags))
         for probe in ("kmeans", "centres"):
             if groups:
-                print(f"Eval-time fusion, eq (13) at eval alpha {args.eval_alpha}, probe {probe}:\n")
+                print(f"Eval-time fusion, eq (13) at eval alpha {args.eval_alpha} (a candidate's @A: alpha A), "
+                      f"probe {probe}:\n")
                 print(fusion_table(groups, probe) + "\n")
         if groups:
             print(f"Per-class IoU, probe k-means, {groups[0][0]}:\n")
-            print(class_table(groups[0][1], "kmeans", [t for t in groups[0][2] if t.split(" ")[0] in
-                                                       ("none", "printed+hard", "keep-scale+soft")
-                                                       or t.startswith("keep-scale+likelihood")], class_names) + "\n")
+            print(class_table(groups[0][1], "kmeans", [t for t in groups[0][2] if t.split(" ")[0].partition("@")[0] in
+                                                       ("none", "printed+hard", "keep-scale+soft", "keep-scale+likelihood")],
+                              class_names) + "\n")
     elapsed = time.time() - started
     print(f"wall time {elapsed:.0f} s")
     payload = {"settings": settings, "standin_cosine": {"within": cos_in, "across": cos_across},

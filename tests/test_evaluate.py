@@ -511,7 +511,7 @@ def test_fusion_at_evaluation_is_eq13_on_the_scores_as_in_training():
     torch.manual_seed(0)
     codes = torch.randn(2, 5, 3, 4, dtype=torch.float64)
     centres = torch.nn.functional.normalize(torch.randn(3, 5, dtype=torch.float64), dim=1)
-    low = torch.softmax(torch.randn(2, 3, 3, 4, dtype=torch.float64), dim=1)
+    low = torch.rand(2, 3, 3, 4, dtype=torch.float64)  # in [0, 1], not summing to 1 over K (likelihood alignment)
     for alpha in (0.25, 0.5, 1.0):
         probs = evaluate.fused_probs(codes, centres, (3, 4), low, alpha, 2.0)
         expected = torch.empty_like(probs)

@@ -113,7 +113,7 @@ def test_soft_and_likelihood_alignment_match_a_loop_reference(how):
                     if how == "soft":
                         weights = [overlap[k][c] / sum(overlap[q][c] for q in range(3)) for c in range(3)]
                     else:
-                        weights = [overlap[k][c] / sum(overlap[k][q] for q in range(3)) for c in range(3)]
+                        weights = [overlap[k][c] / (sum(overlap[k][q] for q in range(3)) + 1) for c in range(3)]
                     expected = sum(weights[c] * float(low[b, c, i, j]) for c in range(3))
                     assert abs(float(aligned[b, k, i, j]) - expected) < 1e-12
     if how == "soft":
@@ -122,18 +122,19 @@ def test_soft_and_likelihood_alignment_match_a_loop_reference(how):
         il2vseg.align_clusters(low, scores, how="Soft")
 
 
-def test_likelihood_alignment_does_not_favour_the_larger_cluster():
-    """Two head clusters of ONE colour, one covering 9 pixels and one 1 pixel: soft hands the colour's
-    membership to them by their share (0.9 / 0.1), likelihood gives both all of it (each is all that colour)."""
-    scores = torch.full((1, 2, 1, 10), -10.0)
-    scores[0, 0, 0, :9] = 10.0
-    scores[0, 1, 0, 9] = 10.0  # head cluster 0: 9 pixels, head cluster 1: 1 pixel
-    low = torch.zeros(1, 2, 1, 10)
+def test_likelihood_alignment_hardly_favours_the_larger_cluster_and_ignores_an_absent_one():
+    """Two head clusters of ONE colour, one covering 90 pixels and one 10, and a third the image does not
+    show: soft hands the colour's membership to the first two by their share (0.9 / 0.1), likelihood gives
+    each nearly all of it (90/91, 10/11: each is all that colour), and the absent cluster none."""
+    scores = torch.full((1, 3, 1, 100), -10.0)
+    scores[0, 0, 0, :90] = 10.0
+    scores[0, 1, 0, 90:] = 10.0  # head cluster 0: 90 pixels, 1: 10 pixels, 2: none
+    low = torch.zeros(1, 3, 1, 100)
     low[0, 0] = 1.0  # every pixel has FCM colour cluster 0
     soft = il2vseg.align_clusters(low, scores, how="soft")
     likelihood = il2vseg.align_clusters(low, scores, how="likelihood")
-    torch.testing.assert_close(soft[0, :, 0, 0], torch.tensor([0.9, 0.1]))
-    torch.testing.assert_close(likelihood[0, :, 0, 0], torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(soft[0, :, 0, 0], torch.tensor([0.9, 0.1, 0.0]))
+    torch.testing.assert_close(likelihood[0, :, 0, 0], torch.tensor([90 / 91, 10 / 11, 0.0]))
 
 
 def test_align_clusters_matches_brute_force_over_all_permutations():
