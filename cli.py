@@ -106,7 +106,8 @@ def parse_args(argv=None):
     e.add_argument("--eval-alpha", type=float, default=0.0, help="also fuse F_l into the evaluated prediction, eq (13)")
     e.add_argument("--eval-align", choices=["likelihood", "soft", "hard"], default="likelihood",
                    help="--eval-alpha's cluster correspondence: F^l by how typical a colour is of each cluster "
-                        "(with --eval-alpha 0.25 the CRF still helps after fusion), as --align soft, or a permutation")
+                        "(with --eval-alpha 0.25 the CRF still gained after fusion on CamVid, README), as --align "
+                        "soft, or a permutation")
     e.add_argument("--eval-batch-size", type=int, default=8, help="images per evaluation batch")
     e.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     e.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", help="do not average the codes of the mirrored image")
@@ -199,9 +200,10 @@ def check_numbers(cfg):
         raise ValueError(f"--ema must lie in [0, 1), got {cfg.ema}")
     if not (isinstance(cfg.fcm_m, (int, float)) and math.isfinite(cfg.fcm_m) and 1 < cfg.fcm_m <= 100):
         raise ValueError(f"--fcm-m must lie in (1, 100] (eq 4 divides by m - 1), got {cfg.fcm_m}")
-    for key, allowed in (("affinity", ("global", "local", "none")), ("align", ("soft", "hard"))):
+    for key, allowed in (("affinity", ("global", "local", "none")), ("align", ("soft", "hard")),
+                         ("eval_align", ("likelihood", "soft", "hard"))):
         if getattr(cfg, key) not in allowed:
-            raise ValueError(f"--{key} {getattr(cfg, key)}: not one of {', '.join(allowed)}")
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)}: not one of {', '.join(allowed)}")
 
 
 def pick_device(name):

@@ -274,6 +274,10 @@ def test_checkpoints_from_before_a_setting_existed_and_bad_stored_settings():
         cfg = cli.resolve_defaults(cli.parse_args([]), torch.device("cpu"))
         with pytest.raises(ValueError, match="forged.pt: its settings: " + message):
             cli.take_from_checkpoint(cfg, stored, "forged.pt")
+    cfg = cli.resolve_defaults(cli.parse_args([]), torch.device("cpu"))
+    cfg.eval_align = "sideways"  # a configuration built in code, past argparse's choices
+    with pytest.raises(ValueError, match="--eval-align sideways: not one of likelihood, soft, hard"):
+        cli.check_numbers(cfg)
 
 
 @pytest.mark.parametrize("argv, fit_images", [([], 64), (["--train-split", "val"], 16), (["--probe-images", "10"], 10)])
