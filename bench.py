@@ -7,7 +7,7 @@ Rows: the ViT-S/8 forward (bf16 on CUDA; timm's ViT beside it when timm happens 
 it is never a dependency), the low-level branch (FCM + colour affinity + A·P, eqs 1-12; both
 readings of the affinity; on CUDA also under torch.compile as training runs it), one training step
 split into backbone / low-level branch / head + losses + update, the dense CRF, and the cosine
-k-means of the evaluation. Targets (from the issues) are printed beside each row.
+k-means of the evaluation. The speed targets are printed beside each row.
 """
 import argparse
 import datetime
