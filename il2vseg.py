@@ -134,11 +134,11 @@ def align_clusters(low_level, seg_scores, temperature=0.1, how="soft"):
     overlap = torch.einsum("bkhw,bjhw->bkj", probs, low_level.to(dtype))  # O (B, K, K)
     if not bool(torch.isfinite(overlap).all()):
         raise FloatingPointError("F^seg or F^l is not finite (NaN or inf) when aligning the clusters of eq (13)")
-    if how == "soft":
-        mapping = overlap / overlap.sum(dim=1, keepdim=True).clamp_min(1e-12)  # M[k, j] = P(head k | FCM j)
-    elif how == "likelihood":
-        mapping = overlap / (overlap.sum(dim=2, keepdim=True) + 1.0)  # M[k, j] ~ P(FCM j | head k), + 1 cell
     if how != "hard":
+        if how == "soft":
+            mapping = overlap / overlap.sum(dim=1, keepdim=True).clamp_min(1e-12)  # M[k, j] = P(head k | FCM j)
+        else:
+            mapping = overlap / (overlap.sum(dim=2, keepdim=True) + 1.0)  # M[k, j] ~ P(FCM j | head k), + 1 cell
         return torch.einsum("bkj,bjhw->bkhw", mapping, low_level.to(dtype)).to(low_level.dtype)  # (B, K, h, w)
     overlap = overlap.cpu().numpy()
     order = np.empty(overlap.shape[:2], dtype=np.int64)  # order[b, k] = FCM cluster for head cluster k

@@ -254,6 +254,22 @@ def train_model(args, backbone, seed, alpha, affinity, workdir):
 # Eval-time fusion (eq 13 on the prediction): the printed one and the candidate fixes
 # ----------------------------------------------------------------------------------------------
 
+def parse_candidate(candidate, alpha):
+    """KIND+ALIGN[@ALPHA] -> (kind, align, eval alpha: ALPHA or `alpha`); a malformed one exits with one line."""
+    kind, _, rest = candidate.partition("+")
+    how, _, at = rest.partition("@")
+    try:
+        a = float(at) if at else alpha
+    except ValueError:
+        raise SystemExit(f"--candidates {candidate}: {at!r} is not a number") from None
+    if kind not in ("printed", "keep-scale", "poe", "mix", "crf-first") or how not in ("soft", "likelihood", "hard"):
+        raise SystemExit(f"--candidates {candidate}: not KIND+ALIGN[@ALPHA] with KIND printed, keep-scale, poe, mix "
+                         f"or crf-first and ALIGN soft, likelihood or hard")
+    if not (0 < a < 1 if kind in ("keep-scale", "crf-first") else 0 < a <= 1):
+        raise SystemExit(f"--candidates {candidate}: eval alpha {a} must lie in (0, 1) for {kind}, in (0, 1] otherwise")
+    return kind, how, a
+
+
 def fused_unary(kind, codes, centres, size, low, alpha, scale=2.0):
     """Cluster probabilities (B, K, H, W) fed to the CRF. low = F^l aligned to the probe's clusters.
       none        softmax(2 cos)                                   no fusion (the protocol's default)
@@ -312,9 +328,7 @@ def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf,
             scores = il2vseg.cosine_to_centres(c, centres)
             aligned = {}  # F^l's clusters matched to this probe's (il2vseg.align_clusters: soft, likelihood, hard)
             for tag, kind, reading in unaries:
-                kind, _, how = kind.partition("+")
-                how, _, at = how.partition("@")  # KIND+ALIGN@ALPHA: this candidate's own eval alpha
-                a = float(at) if at else alpha
+                kind, how, a = parse_candidate(kind, alpha) if kind != "none" else ("none", None, alpha)
                 if reading is not None and (reading, how) not in aligned:
                     aligned[reading, how] = il2vseg.align_clusters(lows[reading][s:s + batch], scores, how=how)
                 p = fused_unary(kind, c, centres, lab.shape[-2:], aligned.get((reading, how)), a)  # (B, K, H, W)
@@ -458,18 +472,8 @@ def main(argv=None):
     affinities = args.affinities.split(",")
     study_alphas = [float(a) for a in args.study_alphas.split(",")] if args.study_alphas else []
     candidates = args.candidates.split(",") if args.candidates else []
-    for c in candidates:  # KIND+ALIGN[@ALPHA], checked before any work
-        kind, _, rest = c.partition("+")
-        how, _, at = rest.partition("@")
-        try:
-            a = float(at) if at else args.eval_alpha
-        except ValueError:
-            raise SystemExit(f"--candidates {c}: {at!r} is not a number") from None
-        if kind not in ("printed", "keep-scale", "poe", "mix", "crf-first") or how not in ("soft", "likelihood", "hard"):
-            raise SystemExit(f"--candidates {c}: not KIND+ALIGN[@ALPHA] with KIND printed, keep-scale, poe, mix or "
-                             f"crf-first and ALIGN soft, likelihood or hard")
-        if not (0 < a < 1 if kind in ("keep-scale", "crf-first") else 0 < a <= 1):
-            raise SystemExit(f"--candidates {c}: eval alpha {a} must lie in (0, 1) for {kind}, in (0, 1] otherwise")
+    for c in candidates:  # checked before any work
+        parse_candidate(c, args.eval_alpha)
 
     # frames, decoded once: val and the k-means fit set in eval geometry, train resized for random crops
     fit_images, fit_labels, fit_names = eval_frames(args.root, "train", args.crop, args.fit_frames)
