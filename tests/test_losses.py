@@ -1,5 +1,5 @@
 """Tests of losses.py: every loss against a slow float64 loop reference, plus the behaviour its
-source states (signs and shifts, collapse, switches, NaN handling)."""
+source states (signs and shifts, gradients, collapse, batch balance, pasting alone)."""
 
 import inspect
 import math
@@ -160,11 +160,6 @@ def test_feature_affinity_matches_loop_reference_and_has_no_grad():
                           atol=1e-12)
 
 
-def test_feature_affinity_rejects_mismatched_channels():
-    with pytest.raises(ValueError, match="channels"):
-        losses.feature_affinity(torch.randn(2, 4, 3, 3), torch.randn(2, 5, 3, 3))
-
-
 @pytest.mark.parametrize("batch", [2, 3, 4, 7, 16])
 def test_derangement_has_no_fixed_points_and_is_a_permutation(batch):
     generator = torch.Generator().manual_seed(batch)
@@ -175,12 +170,10 @@ def test_derangement_has_no_fixed_points_and_is_a_permutation(batch):
         assert (perm != torch.arange(batch)).all()
 
 
-def test_derangement_is_reproducible_and_rejects_one_image():
+def test_derangement_is_reproducible():
     a = losses.derangement(8, torch.Generator().manual_seed(3))
     b = losses.derangement(8, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="at least 2"):
-        losses.derangement(1, torch.Generator())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +184,7 @@ def test_smoothness_matches_loop_reference():
     feats = rand(3, 4, 3, 3, seed=2)
     probs = torch.softmax(rand(3, 3, 3, 3, seed=3) / 0.1, dim=1)
     perm = torch.tensor([2, 0, 1])
-    got = losses.smoothness_loss(feats, probs, -0.02, 0.5, perm=perm)
+    got = losses.smoothness_loss(feats, probs, -0.02, 0.5, perm)
     assert got.dtype == torch.float64
     assert abs(got.item() - ref_smoothness(feats, probs, -0.02, 0.5, perm.tolist())) < 1e-12
 
@@ -199,27 +192,25 @@ def test_smoothness_matches_loop_reference():
 def test_smoothness_single_image_skips_far_term():
     feats = rand(1, 4, 3, 3, seed=4)
     probs = torch.softmax(rand(1, 3, 3, 3, seed=5), dim=1)
-    got = losses.smoothness_loss(feats, probs, 0.1, 0.5)
+    got = losses.smoothness_loss(feats, probs, 0.1, 0.5, None)
     assert abs(got.item() - ref_smoothness(feats, probs, 0.1, 0.5, None)) < 1e-12
 
 
 def test_smoothness_identical_probabilities_give_zero():
     feats = rand(2, 4, 3, 3, seed=6)
     probs = torch.softmax(rand(1, 3, 1, 1, seed=7), dim=1).expand(2, 3, 3, 3)
-    got = losses.smoothness_loss(feats, probs, -0.02, 0.5, generator=torch.Generator())
+    got = losses.smoothness_loss(feats, probs, -0.02, 0.5, torch.tensor([1, 0]))
     assert abs(got.item()) < 1e-12
 
 
-def test_smoothness_gradient_reaches_probs_only_and_rejects_fixed_points():
+def test_smoothness_gradient_reaches_probs_only():
     feats = rand(2, 4, 3, 3, seed=8).requires_grad_()
     logits = rand(2, 3, 3, 3, seed=9).requires_grad_()
     loss = losses.smoothness_loss(feats, torch.softmax(logits / 0.1, dim=1), -0.02, 0.5,
-                                  perm=torch.tensor([1, 0]))
+                                  torch.tensor([1, 0]))
     loss.backward()
     assert feats.grad is None
     assert logits.grad is not None and logits.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="fixed points"):
-        losses.smoothness_loss(feats, torch.softmax(logits, 1), 0.0, 0.5, perm=torch.tensor([0, 1]))
 
 
 def test_data_loss_matches_loop_reference_and_targets_have_no_grad():
@@ -310,7 +301,7 @@ def test_correspondence_terms_match_composition_of_references():
     assert abs(got["corr"].item() - (0.7 * intra + 0.3 * aug + 0.6 * neg)) < 1e-10
 
 
-def test_correspondence_terms_single_image_and_missing_keys():
+def test_correspondence_terms_single_image():
     feats, codes = rand(1, 5, 4, 4, seed=27), rand(1, 4, 4, 4, seed=28).requires_grad_()
     constants = losses.loss_constants("cityscapes")
     got = losses.correspondence_terms(feats, codes, None, None, constants["stego_shifts"],
@@ -318,9 +309,6 @@ def test_correspondence_terms_single_image_and_missing_keys():
     assert got["corr_neg"].item() == 0 and got["corr_aug"].item() == 0
     got["corr"].backward()
     assert codes.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="neg_inter"):
-        losses.correspondence_terms(feats, codes, None, None, {"pos_intra": 0, "pos_inter": 0},
-                                    constants["stego_weights"], torch.Generator())
 
 
 # The peers' constants, transcribed from ../shared/docs/anchors.md (the quoted lines).
@@ -450,83 +438,6 @@ def test_eq14_gradient_reaches_fused_only():
     assert fused.grad.abs().sum() > 0
 
 
-def test_eq14_rejects_image_not_on_the_grid():
-    with pytest.raises(ValueError, match="image_small"):
-        losses.feature_similarity_losses(torch.randn(2, 4, 3, 3), torch.randn(2, 3, 3, 3),
-                                         torch.rand(2, 3, 24, 24))
-
-
-# ------------------------------------------------------------------------------------------------
-# eq (15): total loss
-# ------------------------------------------------------------------------------------------------
-
-def make_terms():
-    return {name: torch.tensor(value, dtype=torch.float64, requires_grad=True)
-            for name, value in (("smo", 0.3), ("data", 1.2), ("fs", 0.4), ("reg", 0.6),
-                                ("corr", -0.2))}
-
-
-def test_total_loss_weights_and_switches():
-    terms = make_terms()
-    total, values = losses.total_loss(terms)
-    assert abs(total.item() - (0.05 * 0.6 + 0.1 * 0.4 + 0.3 + 1.2 - 0.2)) < 1e-12
-    assert abs(values["total"] - total.item()) < 1e-6 and abs(values["fs"] - 0.4) < 1e-6
-    total.backward()
-    assert abs(terms["reg"].grad.item() - 0.05) < 1e-12 and abs(terms["fs"].grad.item() - 0.1) < 1e-12
-
-    total, _ = losses.total_loss(make_terms(), use_fs=False, use_reg=False, use_corr=False)
-    assert abs(total.item() - 1.5) < 1e-12  # Table 4 row (1): smoothness (+ data) only
-    total, _ = losses.total_loss(make_terms(), use_smo=False, use_data=False, beta=0.5, gamma=1.0)
-    assert abs(total.item() - (0.5 * 0.6 + 0.4 - 0.2)) < 1e-12
-    # a switched-off term may be missing, a switched-on one may not
-    partial = {"smo": torch.tensor(1.0), "data": torch.tensor(2.0)}
-    total, _ = losses.total_loss(partial, use_fs=False, use_reg=False, use_corr=False)
-    assert total.item() == 3.0
-    with pytest.raises(ValueError, match="'fs'"):
-        losses.total_loss(partial)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_total_loss_raises_naming_the_non_finite_term(bad):
-    terms = make_terms()
-    terms["fs"] = torch.tensor(bad)
-    with pytest.raises(FloatingPointError, match="loss term fs is") as error:
-        losses.total_loss(terms)
-    assert "\n" not in str(error.value)
-    total, _ = losses.total_loss(terms, use_fs=False)  # switched off: not checked
-    assert math.isfinite(total.item())
-
-
-@pytest.mark.parametrize("coefficient", ["beta", "gamma"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_total_loss_raises_naming_a_non_finite_coefficient(coefficient, bad):
-    # finite terms with a NaN weight would give a NaN total that nothing notices
-    with pytest.raises(FloatingPointError, match=f"coefficient {coefficient} is") as error:
-        losses.total_loss(make_terms(), **{coefficient: bad})
-    assert "\n" not in str(error.value)
-    losses.total_loss(make_terms(), **{coefficient: 0.0})  # a zero weight is fine
-
-
-def test_autocast_does_not_lower_precision():
-    feats, codes = torch.randn(2, 16, 4, 4), torch.randn(2, 8, 4, 4)
-    fused, image = torch.randn(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
-    probs = torch.softmax(fused / 0.1, dim=1)
-    constants = losses.loss_constants("default")
-    shifts, weights = constants["stego_shifts"], constants["stego_weights"]
-
-    def run():
-        return [losses.smoothness_loss(feats, probs, -0.02, 0.5, perm=torch.tensor([1, 0])),
-                *losses.feature_similarity_losses(codes, fused, image),
-                losses.correspondence_terms(feats, codes, feats, codes, shifts, weights,
-                                            torch.Generator().manual_seed(0), n_points=3)["corr"]]
-
-    plain = run()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = run()
-    for a, b in zip(plain, mixed):
-        assert b.dtype == torch.float32 and abs(a.item() - b.item()) < 1e-5
-
-
 # ------------------------------------------------------------------------------------------------
 # CUDA agrees with CPU (skipped without a GPU)
 # ------------------------------------------------------------------------------------------------
@@ -541,8 +452,8 @@ def test_cuda_matches_cpu():
         assert abs(a.item() - b.item()) < 1e-4
     probs = torch.softmax(fused / 0.1, dim=1)
     perm = torch.tensor([1, 0])
-    a = losses.smoothness_loss(feats, probs, -0.02, 0.5, perm=perm)
-    b = losses.smoothness_loss(feats.cuda(), probs.cuda(), -0.02, 0.5, perm=perm.cuda())
+    a = losses.smoothness_loss(feats, probs, -0.02, 0.5, perm)
+    b = losses.smoothness_loss(feats.cuda(), probs.cuda(), -0.02, 0.5, perm.cuda())
     assert abs(a.item() - b.item()) < 1e-4
     constants = losses.loss_constants("default")
     shifts, weights = constants["stego_shifts"], constants["stego_weights"]
@@ -551,8 +462,6 @@ def test_cuda_matches_cpu():
     b = losses.correspondence_terms(feats.cuda(), codes.cuda(), feats.cuda(), codes.cuda(), shifts,
                                     weights, torch.Generator().manual_seed(0))["corr"]
     assert abs(a.item() - b.item()) < 1e-4
-    total, values = losses.total_loss({"smo": b, "data": b, "fs": b, "reg": b, "corr": b})
-    assert total.device.type == "cuda" and math.isfinite(values["total"])
 
 
 def test_reg_balances_clusters_over_the_batch_not_per_image():
@@ -591,9 +500,9 @@ def paste_inputs():
         "derangements": lambda fn: fn(4, 5, gen()),
         "derangement": lambda fn: fn(5, gen(), "cpu"),
         "feature_affinity": lambda fn: fn(feats, feats_aug),
-        "smoothness_loss": lambda fn: (fn(feats, probs, -0.02, 0.5, generator=gen()),
-                                       fn(feats, probs, -0.02, 0.5, perm=torch.tensor([2, 0, 1])),
-                                       fn(feats[:1], probs[:1], 0.1, 0.5)),
+        "smoothness_loss": lambda fn: (fn(feats, probs, -0.02, 0.5, torch.tensor([2, 0, 1])),
+                                       fn(feats, probs, 0.48, 0.5, torch.tensor([1, 2, 0])),
+                                       fn(feats[:1], probs[:1], 0.1, 0.5, None)),
         "data_loss": lambda fn: fn(rand(3, 3, 4, 4, seed=47), probs, 0.5),
         "random_coords": lambda fn: fn(3, 4, gen(), "cpu"),
         "sample_points": lambda fn: fn(codes, coords),
@@ -602,7 +511,6 @@ def paste_inputs():
             fn(feats, codes, feats_aug, codes_aug, shifts, weights, gen(), n_points=3, n_negatives=2),
             fn(feats[:1], codes[:1], None, None, shifts, weights, gen(), n_points=3)),
         "feature_similarity_losses": lambda fn: fn(codes, probs, image, 0.5, 2.0, 0.3),
-        "total_loss": lambda fn: fn(make_terms(), beta=0.2, use_data=False),
     }
 
 
