@@ -1,61 +1,26 @@
-"""Dense CRF post-processing used in the evaluation of the paper ("we apply Conditional Random
-Fields (CRF) (Krähenbühl and Koltun 2011) to post-process the predicted results").
+"""Dense CRF post-processing of the evaluation (the paper: "we apply Conditional Random Fields (CRF)
+(Krähenbühl and Koltun 2011) to post-process the predicted results"), in plain PyTorch.
 
-This is the fully connected CRF of Krähenbühl & Koltun (NeurIPS 2011) in plain PyTorch, with the
-constants the peers (STEGO, HP, SmooSeg) pass to pydensecrf: 10 mean-field iterations, a smoothness
-kernel over (x/1, y/1) with Potts weight 3 and an appearance kernel over
-(x/67, y/67, r/3, g/3, b/3) with Potts weight 4, RGB in 0..255, unary = -log(clip(p, 1e-5, 1)).
+What it computes (as Krähenbühl's densecrf 2 behind pydensecrf: densecrf.cpp, pairwise.cpp,
+labelcompatibility.cpp, permutohedral.cpp), with the peers' constants (STEGO, HP, SmooSeg):
+- Unary = -log(clip(p, 1e-5, 1)), RGB in 0..255.
+- Two Gaussian kernels k(i, j) = exp(-|f_i - f_j|^2 / 2), the sum over j including j = i:
+  smoothness f = (x/1, y/1) with Potts weight 3, appearance f = (x/67, y/67, r/3, g/3, b/3) with
+  Potts weight 4 (x the column, y the row).
+- Symmetric normalisation (pydensecrf's default): n = 1 / sqrt(K 1 + 1e-20), message m = n * K(n * Q);
+  a constant factor in K cancels.
+- Potts: logits = -unary + sum_terms w * m (the textbook [l != l'] form differs by a term that does
+  not depend on the label and cancels in the softmax).
+- Mean field: Q0 = softmax(-unary), Q <- softmax(logits), 10 steps; the result is the last Q.
 
-What the reference C++ code (Krähenbühl's densecrf 2, as wrapped by pydensecrf) computes, and what
-we compute (checked against densecrf.cpp, pairwise.cpp, labelcompatibility.cpp, permutohedral.cpp):
-- Kernel of one pairwise term: k(i, j) = exp(-|f_i - f_j|^2 / 2) with f the scaled features above.
-  The sum over j INCLUDES j = i: the permutohedral lattice splats every pixel and slices it back,
-  so its own value contributes (no subtraction anywhere). We include the self term as well.
-- NORMALIZE_SYMMETRIC (the pydensecrf default): n = 1 / sqrt(K 1 + 1e-20), and the message of a
-  term is  m = n * K(n * Q)  (rows of Q are scaled by n before and after filtering).
-  A constant factor in K cancels out of m (the lattice's "alpha" constant is therefore irrelevant).
-- PottsCompatibility(w).apply gives -w * m, and DenseCRF::inference does
-  tmp = -unary - sum(pairwise) = -unary + sum_terms w * m, then Q = softmax(tmp) over labels.
-  (The textbook Potts mu(l, l') = [l != l'] gives -w * (sum_l' m_l' - m_l); the first part does not
-  depend on the label l and cancels in the softmax, so both forms give the same Q.)
-- Start: Q0 = softmax(-unary); the result is Q after the last of the `iterations` updates.
+Two implementations with the same signature: `dense_crf_exact` sums the kernels over all pixel
+pairs in chunks (O(N^2), a reference for small images); `dense_crf` filters the smoothness kernel
+with a separable convolution truncated at 4 sigma (a lattice above 4 px) and the appearance kernel
+with a vectorised permutohedral lattice (Adams, Baek & Davis 2010) built as the reference C++ builds
+it, so it has the reference's approximation. How close they are and how fast: docs/notes-crf.md.
 
-Two implementations with the same signature:
-- `dense_crf_exact`: the kernel sums over all pixel pairs, chunked so memory stays bounded
-  (O(N^2) time: a reference for small images and for measuring the fast version).
-- `dense_crf` (fast): the smoothness kernel is a separable Gaussian convolution truncated at 4 sigma
-  (this equals the all-pairs sum up to ~1e-4 relative, zero padding = no pixels outside the image),
-  and the appearance kernel is filtered with a permutohedral lattice (Adams, Baek & Davis 2010)
-  built exactly like the reference C++ (same elevation, rounding, simplex ranking, barycentric
-  weights, 1-2-1 blur along the d+1 lattice directions), vectorised: lattice points are found by
-  sorting integer keys (no Python loop over pixels), the lattice of a whole batch is built at once
-  (the image index is part of the key), and splat, blur and slice are sparse CSR matrices, built
-  once per call and reused for all iterations.
-  For a large smoothness sxy (> 4 px) the smoothness kernel also uses the lattice.
-
-Measured difference fast vs exact (10 iterations, default constants; probability maps = CamVid
-label maps made noisy as in tests/test_crf.py, accuracy 33-40% before the CRF):
-  CamVid val, 8 frames at 120x90: argmax agrees on 98.8% of the pixels (worst frame 98.6%),
-  mean |dp| 0.002, max |dp| 0.97 (the pixels that flip); accuracy vs ground truth after the CRF
-  77.5-82.8% (fast) vs 77.8-83.4% (exact): the fast one is 0.5 point lower on average.
-  2 frames at 240x180: agreement 99.0% and 98.7%, mean |dp| 0.002, accuracy 83.7 / 84.9% (fast)
-  vs 84.1 / 85.6% (exact).
-  (Full 480x360 was not measured: the exact version takes > 2 min per frame there even on a GPU.)
-  Synthetic 40x30 4-region images: >= 99.7% agreement while the colour noise std is <= 4 (about
-  srgb); with noise std 8 / 12 it drops to 98% / 96%, and the fast CRF is 2-4 points less accurate.
-  The difference is the lattice's: its blur is only approximately a Gaussian, and a colour kernel
-  narrower than the colour noise is where it is furthest off. The reference C++ has the same
-  approximation (the lattice here is checked against a line-by-line port of permutohedral.cpp).
-Speed (10 iterations, lattice construction included):
-  2-core CPU (torch.set_num_threads(2)): 480x360 with 11 classes 0.40 s, 320x320 with 27 classes
-  0.34 s per image (the reference C++: about 1 s per 480x360 frame on one core).
-  One H100 (smoothed random images): 26 ms (480x360, 11 classes) and 24 ms (320x320, 27 classes)
-  per image one at a time;
-  16 and 14 ms per image in batches of 8.
-
-Every public function can be copied alone into another project (with math and torch imported and
-the functions named on its "needs:" line): no module constants, the limits are keyword arguments
-(`sparse_csr` imports `warnings` itself).
+Every public function pastes alone (math, torch and F imported, plus the functions on its "needs:"
+line); the limits are keyword arguments.
 """
 import math
 
@@ -64,52 +29,8 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks and the pieces shared by both versions
+# The pieces shared by both versions
 # ---------------------------------------------------------------------------------------------
-
-def check_crf_inputs(images, probs, iterations, sxy_gauss, compat_gauss, sxy_bilateral, srgb,
-                     compat_bilateral):
-    """Validate the inputs; return (images float32 (B, 3, H, W) in 0..255, probs float32 (B, K, H, W)).
-
-    Raises ValueError with one line when something is wrong.
-    """
-    if not torch.is_tensor(images) or not torch.is_tensor(probs):
-        raise ValueError("dense_crf: images and probs must be torch tensors")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"dense_crf: images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-    if probs.dim() != 4:
-        raise ValueError(f"dense_crf: probs must have shape (B, K, H, W), got {tuple(probs.shape)}")
-    B, _, H, W = images.shape
-    if probs.shape[0] != B or probs.shape[2:] != images.shape[2:]:
-        raise ValueError(f"dense_crf: probs {tuple(probs.shape)} do not match images {tuple(images.shape)} "
-                         "in batch size or H x W")
-    if B == 0 or H == 0 or W == 0 or probs.shape[1] == 0:
-        raise ValueError(f"dense_crf: empty input, images {tuple(images.shape)}, probs {tuple(probs.shape)}")
-    if images.device != probs.device:
-        raise ValueError(f"dense_crf: images on {images.device} but probs on {probs.device}")
-    if images.dtype == torch.bool or images.is_complex() or probs.dtype == torch.bool or probs.is_complex():
-        raise ValueError("dense_crf: images and probs must be real-valued numeric tensors")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"dense_crf: iterations must be an int >= 0, got {iterations!r}")
-    for name, value in (("sxy_gauss", sxy_gauss), ("sxy_bilateral", sxy_bilateral), ("srgb", srgb)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"dense_crf: {name} must be a finite number > 0, got {value!r}")
-    for name, value in (("compat_gauss", compat_gauss), ("compat_bilateral", compat_bilateral)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise ValueError(f"dense_crf: {name} must be a finite number, got {value!r}")
-
-    float_images = images.is_floating_point()
-    images = images.to(torch.float32)                                   # (B, 3, H, W)
-    probs = probs.to(torch.float32)                                     # (B, K, H, W)
-    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 255:
-        raise ValueError("dense_crf: images must be finite RGB values in 0..255 (uint8 or float)")
-    if float_images and 0 < images.max() <= 1 and (images != images.round()).any():  # fractions in [0, 1]
-        raise ValueError("dense_crf: images look like they are in [0, 1]; the CRF expects RGB in 0..255 "
-                         "(multiply by 255)")
-    if not torch.isfinite(probs).all() or probs.min() < -1e-6 or probs.max() > 1 + 1e-6:
-        raise ValueError("dense_crf: probs must be finite probabilities in [0, 1] (apply softmax first)")
-    return images, probs
-
 
 def unary_from_probs(probs):
     """Unary energy -log(clip(p, 1e-5, 1)) as pydensecrf's unary_from_softmax. (B, K, H, W) -> same."""
@@ -117,10 +38,9 @@ def unary_from_probs(probs):
 
 
 def pixel_features(images, sxy, srgb=None):
-    """Scaled pixel features: (x/sxy, y/sxy) or (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb).
+    """Scaled pixel features (x/sxy, y/sxy), or (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) with srgb.
 
-    x is the column index, y the row index (as densecrf's addPairwiseGaussian/Bilateral).
-    images (B, 3, H, W) in 0..255 -> features (B, H, W, d), d = 2 or 5, float32.
+    x is the column, y the row (as densecrf). images (B, 3, H, W) float in 0..255 -> (B, H, W, d), d = 2 or 5.
     """
     B, _, H, W = images.shape
     ys, xs = torch.meshgrid(torch.arange(H, device=images.device, dtype=torch.float32),
@@ -131,18 +51,11 @@ def pixel_features(images, sxy, srgb=None):
     return torch.cat([position, images.permute(0, 2, 3, 1) / srgb], dim=3)      # (B, H, W, 5)
 
 
-def softmax_last(x):
-    """Softmax over the last dim (labels); faster than torch.softmax for a short last dim on CPU."""
-    return torch.exp(x - torch.logsumexp(x, dim=-1, keepdim=True))
-
-
 def mean_field(unary, kernels, iterations):
-    """Mean-field inference of the dense CRF with Potts compatibilities (K&K 2011, Algorithm 1).
+    """Mean-field inference with Potts compatibilities (K&K 2011, Algorithm 1), labels last.
 
-    unary (B, H, W, K), labels last; kernels: list of (compat, kernel_filter) where kernel_filter
-    maps values (B, H, W, C) to the kernel sums  sum_j k(i, j) v_j  (self term included), same shape.
-    Returns Q (B, H, W, K) after `iterations` updates.
-    needs: softmax_last
+    unary (B, H, W, K); kernels: list of (compat, kernel_filter), kernel_filter mapping (B, H, W, C)
+    to sum_j k(i, j) v_j (self term included). Returns Q (B, H, W, K) after `iterations` updates.
     """
     # Symmetric normalisation per kernel: n = 1 / sqrt(K 1 + 1e-20), computed once.
     ones = torch.ones_like(unary[..., :1])                                      # (B, H, W, 1)
@@ -152,19 +65,18 @@ def mean_field(unary, kernels, iterations):
             norm = torch.rsqrt(kernel_filter(ones) + 1e-20)                     # (B, H, W, 1)
             terms.append((norm, compat * norm, kernel_filter))
 
-    # Q0 = softmax(-unary)
-    Q = softmax_last(-unary)                                                    # (B, H, W, K)
+    Q = torch.softmax(-unary, dim=-1)                                           # Q0, (B, H, W, K)
     for _ in range(iterations):
-        # Potts mean-field update: Q <- softmax(-unary + sum_terms compat * n * K(n * Q))
+        # Potts update: Q <- softmax(-unary + sum_terms compat * n * K(n * Q))
         logits = -unary                                                         # (B, H, W, K)
         for norm, compat_norm, kernel_filter in terms:
             logits = torch.addcmul(logits, compat_norm, kernel_filter(norm * Q))
-        Q = softmax_last(logits)
+        Q = torch.softmax(logits, dim=-1)                                       # (B, H, W, K)
     return Q
 
 
 def run_crf(probs, kernels, iterations):
-    """Unary from probs (B, K, H, W), mean field, back to (B, K, H, W) contiguous float32.
+    """Unary from probs (B, K, H, W) float32, mean field, back to (B, K, H, W) contiguous.
 
     needs: unary_from_probs, mean_field
     """
@@ -180,10 +92,9 @@ def run_crf(probs, kernels, iterations):
 def exact_gaussian_filter(features, chunk_entries=2 ** 22, cache_entries=2 ** 25):
     """Return kernel_filter: v -> sum_j exp(-|f_i - f_j|^2 / 2) v_j over ALL pixels j (self included).
 
-    features (B, H, W, d). The filter maps (B, H, W, C) -> (B, H, W, C). Kernel rows are computed
-    in chunks of at most `chunk_entries` entries (rows x columns, at least one row); they are
-    computed once and kept when all of them fit in `cache_entries`, else recomputed at every call
-    (O(N^2) time, bounded memory).
+    features (B, H, W, d); the filter maps (B, H, W, C) -> same. Kernel rows come in chunks of at
+    most `chunk_entries` entries (at least one row), kept if all fit in `cache_entries`, else
+    recomputed at every call: O(N^2) time, bounded memory.
     """
     B, H, W, d = features.shape
     N = H * W
@@ -216,16 +127,14 @@ def exact_gaussian_filter(features, chunk_entries=2 ** 22, cache_entries=2 ** 25
 def dense_crf_exact(images, probs, iterations=10, sxy_gauss=1.0, compat_gauss=3.0,
                     sxy_bilateral=67.0, srgb=3.0, compat_bilateral=4.0, *,
                     chunk_entries=2 ** 22, cache_entries=2 ** 25):
-    """Dense CRF with exact all-pairs Gaussian kernels (reference for small images).
+    """Dense CRF with exact all-pairs Gaussian kernels: the reference for small images.
 
-    images (B, 3, H, W) RGB 0..255 (uint8 or float), probs (B, K, H, W) class probabilities
-    -> refined probabilities (B, K, H, W) float32, summing to 1 over K. Same device as the input.
-    Time O((H W)^2) per iteration: use it on small images (e.g. <= 120 x 90 on a CPU).
-    chunk_entries, cache_entries: memory limits of `exact_gaussian_filter` (same result).
-    needs: check_crf_inputs, pixel_features, exact_gaussian_filter, run_crf
+    images (B, 3, H, W) RGB 0..255, probs (B, K, H, W) probabilities, same device -> refined
+    probabilities (B, K, H, W) float32. O((H W)^2) per iteration; chunk_entries, cache_entries
+    are the memory limits of `exact_gaussian_filter` (same result).
+    needs: pixel_features, exact_gaussian_filter, run_crf
     """
-    images, probs = check_crf_inputs(images, probs, iterations, sxy_gauss, compat_gauss,
-                                     sxy_bilateral, srgb, compat_bilateral)
+    images, probs = images.float(), probs.float()                               # uint8 images too
     kernels = [
         (compat_gauss, exact_gaussian_filter(pixel_features(images, sxy_gauss),
                                              chunk_entries, cache_entries)),
@@ -240,11 +149,11 @@ def dense_crf_exact(images, probs, iterations=10, sxy_gauss=1.0, compat_gauss=3.
 # ---------------------------------------------------------------------------------------------
 
 def separable_gaussian_filter(sxy):
-    """Return kernel_filter: v -> sum_j exp(-|p_i - p_j|^2 / (2 sxy^2)) v_j over pixels j within
-    4 sxy along each axis (self included); the rest of the sum is < 1e-4 of it.
+    """Return kernel_filter: v -> sum_j exp(-|p_i - p_j|^2 / (2 sxy^2)) v_j over the pixels j within
+    4 sxy along each axis (self included; the rest of the sum is < 1e-4 of it). (B, H, W, C) -> same.
 
-    The Gaussian of the pixel positions is separable: one 1-D depthwise convolution along x, one
-    along y, with zero padding (pixels outside the image do not exist). (B, H, W, C) -> same.
+    The Gaussian is separable: a 1-D depthwise convolution along x, then y, with zero padding
+    (no pixels outside the image).
     """
     radius = max(1, math.ceil(4 * sxy))
 
@@ -252,8 +161,7 @@ def separable_gaussian_filter(sxy):
         B, H, W, C = values.shape
         offsets = torch.arange(-radius, radius + 1, device=values.device, dtype=values.dtype)
         taps = torch.exp(-0.5 * (offsets / sxy) ** 2)                           # (2r+1,)
-        # (B, C, H, W) view in channels-last memory: the fast layout for depthwise convolutions
-        x = values.permute(0, 3, 1, 2)
+        x = values.permute(0, 3, 1, 2)                                          # (B, C, H, W) view
         x = F.conv2d(x, taps.view(1, 1, 1, -1).expand(C, 1, 1, -1), padding=(0, radius), groups=C)
         x = F.conv2d(x, taps.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=(radius, 0), groups=C)
         return x.permute(0, 2, 3, 1).contiguous()                               # (B, H, W, C)
@@ -271,9 +179,9 @@ def sparse_csr(crow, columns, values, size):
 
 
 def csr_from_rows(columns, values, n_columns):
-    """Sparse CSR matrix (R, n_columns) whose row r holds values[r, k] at columns[r, k]; columns
-    -1 are empty slots. columns, values (R, k) with no repeated column within a row.
+    """Sparse CSR matrix (R, n_columns) whose row r holds values[r, k] at columns[r, k].
 
+    columns, values (R, k); column -1 is an empty slot, no column repeats within a row.
     needs: sparse_csr
     """
     columns, order = torch.sort(columns, dim=1)                                 # CSR wants sorted columns
@@ -284,14 +192,12 @@ def csr_from_rows(columns, values, n_columns):
 
 
 def permutohedral_lattice(features):
-    """Build the permutohedral lattice of all pixels of a batch (as densecrf's Permutohedral::init).
+    """Permutohedral lattice of all pixels of a batch (densecrf's Permutohedral::init), as the
+    sparse matrices of out = slice @ blur_d @ ... @ blur_0 @ splat @ values.
 
-    features (B, H, W, d), the already scaled features. The filter is then
-    out = slice @ blur_d @ ... @ blur_0 @ splat @ values, and this returns those sparse matrices:
-      splat (M, P): row m holds the barycentric weights of the pixels whose simplex has corner m
-        (P = B*H*W pixels, M lattice points),
-      blurs: d+1 matrices (M, M): v <- v + (v[plus] + v[minus]) / 2 along each lattice direction,
-      slice (P, M): the transpose of splat (interpolation back with the same weights).
+    features (B, H, W, d) scaled; P = B*H*W pixels, M lattice points. splat (M, P): barycentric
+    weights; blurs: d+1 (M, M), v <- v + (v[plus] + v[minus]) / 2 along each lattice direction;
+    slice (P, M): the transpose of splat. The image is part of each point's key.
     needs: sparse_csr, csr_from_rows
     """
     B, H, W, d = features.shape
@@ -393,11 +299,11 @@ def permutohedral_lattice(features):
 
 
 def lattice_filter(features):
-    """Return kernel_filter: v -> approx. sum_j exp(-|f_i - f_j|^2 / 2) v_j by splat - blur - slice
-    on the permutohedral lattice (permutohedral.cpp seqCompute). features (B, H, W, d);
-    (B, H, W, C) -> same. The lattice is built once here. The result is proportional to the
-    Gaussian sum (the reference's constant alpha is left out: it cancels in the symmetric
-    normalisation).
+    """Return kernel_filter: v -> approx. sum_j exp(-|f_i - f_j|^2 / 2) v_j, by splat - blur - slice
+    on the permutohedral lattice (permutohedral.cpp seqCompute), built once here.
+
+    features (B, H, W, d); (B, H, W, C) -> same. The reference's constant alpha is left out (it
+    cancels in the symmetric normalisation).
     needs: permutohedral_lattice
     """
     lattice = permutohedral_lattice(features)
@@ -414,17 +320,14 @@ def lattice_filter(features):
 
 def dense_crf(images, probs, iterations=10, sxy_gauss=1.0, compat_gauss=3.0,
               sxy_bilateral=67.0, srgb=3.0, compat_bilateral=4.0, *, max_conv_sxy=4.0):
-    """Fast dense CRF (Krähenbühl & Koltun 2011) with the peers' pydensecrf constants as defaults.
+    """Fast dense CRF (Krähenbühl & Koltun 2011), the peers' pydensecrf constants as defaults.
 
-    images (B, 3, H, W) RGB 0..255 (uint8 or float), probs (B, K, H, W) class probabilities
-    (e.g. softmax of upsampled logits) -> refined probabilities (B, K, H, W) float32, summing to 1
-    over K, on the input's device. Smoothness kernel: exact separable convolution (a lattice when
-    sxy_gauss > max_conv_sxy = 4 px); appearance kernel: permutohedral lattice. See the module
-    docstring for the measured difference from `dense_crf_exact`.
-    needs: check_crf_inputs, pixel_features, separable_gaussian_filter, lattice_filter, run_crf
+    images (B, 3, H, W) RGB 0..255, probs (B, K, H, W) probabilities, same device -> refined
+    probabilities (B, K, H, W) float32. Smoothness: separable convolution (a lattice when
+    sxy_gauss > max_conv_sxy); appearance: permutohedral lattice.
+    needs: pixel_features, separable_gaussian_filter, lattice_filter, run_crf
     """
-    images, probs = check_crf_inputs(images, probs, iterations, sxy_gauss, compat_gauss,
-                                     sxy_bilateral, srgb, compat_bilateral)
+    images, probs = images.float(), probs.float()                               # uint8 images too
     if sxy_gauss <= max_conv_sxy:
         smooth_filter = separable_gaussian_filter(sxy_gauss)
     else:
