@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import one_line
+
 # ----------------------------------------------------------------------------------------------
 # F^p = f_theta(I): ImageNet normalisation, then the frozen network
 # ----------------------------------------------------------------------------------------------
@@ -352,17 +354,6 @@ class WeightsError(RuntimeError):
     """Backbone weights are missing, unreadable or do not fit the architecture (one-line message)."""
 
 
-def describe(error):
-    """'TypeName: first line of its message' (never fails, also for an empty message). For torch.load's
-    refusals, whose first lines are about torch's defaults, the line that says why."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if lines and lines[0].startswith("Weights only load failed"):
-        reasons = [line.split("WeightsUnpickler error:")[-1].strip() for line in lines[1:]
-                   if not line.startswith(("(1)", "(2)", "Please file", "Check the"))]
-        lines = [reason for reason in reasons if reason] or lines
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
-
-
 def offline_hint(arch):
     """Where to put the weight file of `arch` on a machine without internet (one line)."""
     url = arch_facts(arch)["url"]
@@ -392,9 +383,9 @@ def read_weights(arch, weights):
                 return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True), cached
         except Exception as error:  # no network, or a corrupt / truncated file in the cache
             if cached.is_file():
-                raise WeightsError(f"{cached}: cannot be read as a torch file ({describe(error)}): "
+                raise WeightsError(f"{cached}: cannot be read as a torch file ({one_line(error)}): "
                                    f"delete it and download it again; {offline_hint(arch)}") from None
-            raise WeightsError(f"cannot download the {arch} weights ({describe(error)}); "
+            raise WeightsError(f"cannot download the {arch} weights ({one_line(error)}); "
                                f"{offline_hint(arch)}") from None
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -406,7 +397,7 @@ def read_weights(arch, weights):
         with allow_namespace():
             return torch.load(path, map_location="cpu", weights_only=True), f"--weights {path}"
     except Exception as error:  # corrupt, truncated, not a torch file, or pickled Python objects
-        raise WeightsError(f"--weights {path}: cannot be read as a torch file ({describe(error)}); "
+        raise WeightsError(f"--weights {path}: cannot be read as a torch file ({one_line(error)}); "
                            f"is it truncated, or not a state dict?") from None
 
 

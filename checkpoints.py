@@ -40,16 +40,25 @@ class CheckpointError(RuntimeError):
     (one-line message)."""
 
 
-def first_line(error):
-    """'TypeName: first line of the message' (200 characters at most), also for empty messages. For
-    torch.load's refusals, whose first lines are about torch's defaults, the line that says why."""
+def one_line(error, named=True):
+    """One line for a failure: "TypeName: first line of its message" (named=False: the message alone).
+
+    Used for every error of the project: wrapping a foreign one (torch, PIL, the OS) into ours, and the
+    final "error: ..." line. Two foreign messages are reduced to what says why: a DataLoader worker's
+    wrapped traceback (its last line) and torch.load's weights-only refusal (its first lines are about
+    torch's defaults)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if lines and lines[0].startswith("Weights only load failed"):
+    name = type(error).__name__
+    if any(line.startswith("Original Traceback") for line in lines):
+        kind, _, text = lines[-1].partition(": ")
+        name, lines = kind.split(".")[-1], [text or lines[-1]]
+    elif lines and lines[0].startswith("Weights only load failed"):
         reasons = [line.split("WeightsUnpickler error:")[-1].strip() for line in lines[1:]
                    if not line.startswith(("(1)", "(2)", "Please file", "Check the"))]
-        lines = [reason for reason in reasons if reason] or lines
-    text = lines[0][:200] if lines else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+        lines = [reason for reason in reasons if reason][:1] or lines
+    if not named:
+        return " ".join(lines) or name
+    return f"{name}: {lines[0][:200]}" if lines else name
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,7 +89,8 @@ def save_checkpoint(state, path):
     path = Path(path)
     bad = non_finite_entries(state)
     if bad:
-        raise FloatingPointError(f"not writing {path}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})")
+        diverged = f"step {state['step']}: the weights diverged; " if "step" in state else ""
+        raise FloatingPointError(f"{diverged}not writing {path}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})")
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getbuffer()
@@ -95,7 +105,7 @@ def save_checkpoint(state, path):
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(f"no space left on device while writing {path}") from None
-        raise CheckpointError(f"cannot write {path}: {error.strerror or first_line(error)}") from None
+        raise CheckpointError(f"cannot write {path}: {error.strerror or one_line(error)}") from None
     finally:  # whatever stopped the write (a full disk, Ctrl-C), no temporary file stays behind
         tmp.unlink(missing_ok=True)
     return len(payload)
@@ -113,7 +123,7 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupt, not a torch file, or a pickle of arbitrary objects
-        raise CheckpointError(f"{path}: cannot be read as an il2vseg checkpoint ({first_line(error)})") from None
+        raise CheckpointError(f"{path}: cannot be read as an il2vseg checkpoint ({one_line(error)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not an il2vseg checkpoint (it holds a {type(state).__name__})")
     for key, kind in REQUIRED.items():
@@ -156,6 +166,42 @@ def check_resume(state, cfg, path, keys):
                                   f"asks for {getattr(cfg, key)}: resume with the same setting")
 
 
+# settings a resumed run must share with its checkpoint (data, order, shapes, losses)
+RESUME_MUST_MATCH = ("data", "data_root", "train_split", "arch", "weights", "dim", "dropout", "batch_size", "crop",
+                     "seed", "five_crop", "alpha", "beta", "gamma", "use_smo", "use_fs", "use_reg", "use_corr",
+                     "lr_head", "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius",
+                     "fusion_in", "align", "smooth_temperature")
+
+
+def training_state(model, optimiser, step, generator, cfg):
+    """What a checkpoint holds: the step, the model, Adam, every random state and the run's settings."""
+    return {"step": step, "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+            "rng": rng_state(generator), "n_clusters": model.local_centres.shape[0],
+            "config": {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+
+
+def fresh_start(cfg):
+    """A new run: the global RNG (dropout) from --seed; training starts at step 0."""
+    torch.manual_seed(cfg.seed)
+    return 0
+
+
+def resume(cfg, model, optimiser, generator, log=print):
+    """--resume: model, Adam and every random state from OUT/checkpoint.pt (or --resume PATH), after
+    checking that the run's settings match; returns the step to continue from."""
+    path = Path(cfg.resume) if isinstance(cfg.resume, str) else Path(cfg.out) / "checkpoint.pt"
+    state = load_checkpoint(path)
+    check_resume(state, cfg, path, RESUME_MUST_MATCH)
+    restore(model, state["model"], path)
+    restore(optimiser, state["optimiser"], path)
+    use_own_implementation(optimiser)
+    set_rng_state(state["rng"], generator, log)
+    log(f"resumed from {path} at step {state['step']}")
+    if state["step"] >= cfg.steps:
+        log(f"nothing to train: the checkpoint is at step {state['step']} >= --steps {cfg.steps}")
+    return state["step"]
+
+
 # --------------------------------------------------------------------------------------------
 # Random state and the optimiser of a resumed run
 # --------------------------------------------------------------------------------------------
@@ -182,7 +228,7 @@ def set_rng_state(state, generator, log=print):
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
     except (KeyError, TypeError, RuntimeError) as error:
-        raise CheckpointError(f"the checkpoint's random state is broken ({first_line(error)})") from None
+        raise CheckpointError(f"the checkpoint's random state is broken ({one_line(error)})") from None
 
 
 def use_own_implementation(optimiser):
@@ -212,7 +258,7 @@ def check_output_folder(folder, need_bytes=16 * 2**20):
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
-        raise CheckpointError(f"--out {folder}: cannot write there ({error.strerror or first_line(error)})") from None
+        raise CheckpointError(f"--out {folder}: cannot write there ({error.strerror or one_line(error)})") from None
     free = shutil.disk_usage(folder).free
     if free < need_bytes:
         raise CheckpointError(f"--out {folder}: only {free / 2**20:.1f} MiB free on its device, a checkpoint "

@@ -1,19 +1,25 @@
-"""The command line of il2vseg.py: its flags, their defaults and checks, and the data a command needs.
+"""The command line of il2vseg.py: its flags, defaults and checks, the data it needs, and its one-line errors.
 
 Nothing of the paper is here beyond its default numbers (alpha 0.5, beta 0.05, gamma 0.1, Adam 1e-4 and
-5e-4, EMA 0.998). `parse_args` defines every flag, `resolve_defaults` fills what depends on the device,
-the data set and the backbone and refuses any number out of range with one line, `build_datasets`
-builds and checks, file by file, the data sets a command needs before any weights load, and `one_line`
-is the line printed for a failure. il2vseg.main puts them together.
+5e-4, EMA 0.998). This is the boundary where every input is checked once, before any work:
+- `parse_args` defines every flag; `settle` fills what depends on the device, the data set and the
+  backbone (`resolve_defaults`) and refuses any number out of range with one line (`check_numbers`);
+- `build_datasets` builds the data sets a command needs and checks every file before any weights load;
+- `trained_checkpoint` reads and checks the checkpoint of --eval / --predict and takes its settings;
+- `output_folder` makes sure --out is writable, locks it, and refuses to replace another run's work;
+- `report` turns a failure of the input into one line and an exit code (a bug keeps its traceback).
 """
 import argparse
+import contextlib
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 import backbones
+import checkpoints
 import data
 import losses
 
@@ -103,7 +109,8 @@ def parse_args(argv=None):
     e.add_argument("--probe-images", type=int, default=500, help="at most this many training images (evenly spaced) for k-means")
     e.add_argument("--kmeans-restarts", type=int, default=5, help="k-means runs per seed; the lowest k-means loss is kept")
     e.add_argument("--kmeans-seeds", type=int, default=1, help="> 1: also report mean and std over this many k-means seeds")
-    e.add_argument("--eval-alpha", type=float, default=0.0, help="also fuse F_l into the evaluated prediction, eq (13)")
+    e.add_argument("--eval-alpha", type=float, default=0.0, help="also fuse F^l into the evaluated prediction, eq (13) "
+                   "(below 1: the prediction keeps F^seg's scale)")
     e.add_argument("--eval-align", choices=["likelihood", "soft", "hard"], default="likelihood",
                    help="--eval-alpha's cluster correspondence: F^l by how typical a colour is of each cluster "
                         "(with --eval-alpha 0.25 the CRF still gained after fusion on CamVid, README), as --align "
@@ -145,7 +152,7 @@ LIMITS = {"steps": (1, 10**8), "batch_size": (1, 4096), "crop": (1, 8192), "eval
           "fcm_iters": (1, 10000), "num_workers": (0, 256), "save_images": (0, 10**6), "n_classes": (1, 255),
           "eval_images": (1, 10**8), "probe_images": (1, 10**8), "kmeans_restarts": (1, 1000),
           "kmeans_seeds": (1, 1000), "radius": (1, 64), "seed": (0, 2**31 - 1), "alpha": (0.0, 1.0),
-          "eval_alpha": (0.0, 1.0), "dropout": (0.0, 1.0), "beta": (0.0, 1e6), "gamma": (0.0, 1e6)}
+          "eval_alpha": (0.0, 0.99), "dropout": (0.0, 1.0), "beta": (0.0, 1e6), "gamma": (0.0, 1e6)}
 POSITIVE = ("lr_head", "lr_centres", "smooth_temperature", "fcm_sigma")  # finite and > 0
 
 
@@ -206,6 +213,21 @@ def check_numbers(cfg):
             raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)}: not one of {', '.join(allowed)}")
 
 
+class UsageError(ValueError):
+    """The command line asks for nothing, or for something contradictory (exit code 2, as argparse)."""
+
+
+def settle(cfg):
+    """The run's device and every default that depends on it, the data set and the backbone; every flag
+    checked (one line for the first that is wrong)."""
+    cfg.train = cfg.train or bool(cfg.resume)
+    if not (cfg.train or cfg.eval or cfg.predict or cfg.ablation):
+        raise UsageError("nothing to do: pass --train, --eval, --predict FOLDER or --ablation (see --help)")
+    device = pick_device(cfg.device)
+    resolve_defaults(cfg, device)
+    return device
+
+
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -217,8 +239,8 @@ def pick_device(name):
 
 
 def build_datasets(cfg):
-    """(train, val, k-means fit set) for what the command does, each checked file by file (data.py's
-    pre-flight check) before any weights load; None where the command needs none."""
+    """((train, val, k-means fit set), --predict folder) for what the command does, None where it needs
+    none; every file checked (data.check_files) before any weights load."""
     common = dict(n_classes=cfg.n_classes, seed=cfg.seed, stride=backbones.ARCHS[cfg.arch]["stride"])
     train_set = val_set = fit_set = None
     if cfg.train or cfg.ablation:
@@ -236,8 +258,12 @@ def build_datasets(cfg):
                                          crop_size=cfg.eval_crop, length=fit_length, **common)
         if cfg.ablation and not val_set.has_labels:
             raise ValueError(f"--ablation needs labels in the {cfg.val_split} split")
+    if train_set is not None and len(train_set) < cfg.batch_size:
+        raise ValueError(f"the {cfg.train_split} split has {len(train_set)} images, fewer than --batch-size "
+                         f"{cfg.batch_size}")
+    predict_set = data.PredictFolder(cfg.predict, cfg.eval_crop, common["stride"]) if cfg.predict else None
     problems = []
-    for dataset in (train_set, val_set, fit_set):
+    for dataset in (train_set, val_set, fit_set, predict_set):
         try:
             if dataset is not None:
                 data.check_files(dataset)
@@ -245,14 +271,91 @@ def build_datasets(cfg):
             problems.append(str(error))
     if problems:
         raise data.DataError(" | ".join(problems))
-    return train_set, val_set, fit_set
+    return (train_set, val_set, fit_set), predict_set
 
 
-def one_line(error):
-    """The one line printed for a failure: a DataLoader worker's wrapped traceback is reduced to the
-    original error's last line."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1].strip()
-        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].split(".")[-1].endswith("Error") else last
-    return " ".join(text.splitlines()) or type(error).__name__
+def trained_checkpoint(cfg, datasets):
+    """--eval / --predict: the checkpoint (--checkpoint, or OUT/checkpoint.pt), checked before any weights
+    load: its --arch, its clusters against the data set's classes, random against real backbone weights.
+    Its head width and F^l's settings are taken (take_from_checkpoint); cfg.checkpoint is set to its path."""
+    path = cfg.checkpoint = Path(cfg.checkpoint or Path(cfg.out) / "checkpoint.pt")
+    state = checkpoints.load_checkpoint(path)
+    trained = state["config"]
+    if trained.get("arch", cfg.arch) != cfg.arch:
+        raise checkpoints.CheckpointError(f"{path} was trained on --arch {trained['arch']}, not {cfg.arch}")
+    take_from_checkpoint(cfg, trained, path)
+    weights = trained.get("weights")
+    if weights != cfg.weights and "random" in (weights, cfg.weights):
+        raise checkpoints.CheckpointError(f"{path} was trained on --weights {weights or '(torch.hub)'}, "
+                                          f"this run loads {cfg.weights or '(torch.hub)'}")
+    if weights != cfg.weights:
+        print(f"note: {path} was trained on the backbone weights {weights or '(torch.hub)'}; this run loads "
+              f"{cfg.weights or '(torch.hub)'}")
+    if cfg.eval and state["n_clusters"] != datasets[1].n_classes:
+        raise checkpoints.CheckpointError(f"{path} has {state['n_clusters']} clusters, --data {cfg.data} "
+                                          f"has {datasets[1].n_classes} classes")
+    return state
+
+
+@contextlib.contextmanager
+def output_folder(cfg):
+    """`with output_folder(cfg):` --out is writable with room for a checkpoint, no other il2vseg run uses
+    it (a lock held for the block), and it holds no earlier run that this one would replace."""
+    checkpoints.check_output_folder(cfg.out)
+    with checkpoints.OutputLock(cfg.out):
+        if cfg.train and not cfg.resume and not cfg.overwrite and (Path(cfg.out) / "checkpoint.pt").exists():
+            raise checkpoints.CheckpointError(f"--out {cfg.out} already holds checkpoint.pt: continue it with "
+                                              f"--resume, replace it with --overwrite, or choose another --out")
+        if cfg.ablation and not cfg.overwrite:
+            earlier = [folder.name for _, _, folder in ablation_runs(cfg) if (folder / "checkpoint.pt").exists()]
+            if earlier:
+                more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
+                raise checkpoints.CheckpointError(f"--out {cfg.out} already holds runs of --ablation {cfg.ablation} "
+                                                  f"({earlier[0]}{more}): replace them with --overwrite, or choose "
+                                                  f"another --out")
+        yield
+
+
+def out_of_memory(error):
+    """torch raises OutOfMemoryError on CUDA, but a plain RuntimeError naming its allocator on the CPU."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        type(error) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
+def report(error, cfg, progress):
+    """The one line on stderr for a failure of the input, and the exit code (1; 2 for usage; 130 after
+    Ctrl-C). Anything else is a bug in il2vseg: it is raised again, with its traceback."""
+    saved = (f"the checkpoint of step {progress['saved']} in {Path(cfg.out) / 'checkpoint.pt'} is intact"
+             if "saved" in progress else "no checkpoint was written by this run")
+    if isinstance(error, KeyboardInterrupt):
+        print(f"interrupted; {saved}" + (": continue with --resume" if "saved" in progress else "")
+              if cfg.train else "interrupted", file=sys.stderr)
+        return 130
+    if out_of_memory(error):
+        print(f"error: out of memory ({checkpoints.one_line(error)}): use a smaller --batch-size, --crop, "
+              f"--eval-crop or --dim", file=sys.stderr)
+        return 1
+    known = (backbones.WeightsError, checkpoints.CheckpointError, data.DataError, ValueError, FloatingPointError,
+             OSError)
+    if not isinstance(error, known):
+        raise error
+    line = checkpoints.one_line(error, named=False)
+    print(f"error: {line}" + (f"; {saved}" if isinstance(error, FloatingPointError) else ""), file=sys.stderr)
+    return 2 if isinstance(error, UsageError) else 1
+
+
+LOSS_ABLATION = [  # the rows of the paper's Table 4 (the data term always goes with L_smo)
+    ("(1) L_smo", dict(use_smo=True, use_fs=False, use_reg=False, use_corr=False)),
+    ("(2) L_smo + L_fs", dict(use_smo=True, use_fs=True, use_reg=True, use_corr=False)),
+    ("(3) L_smo + L_corr", dict(use_smo=True, use_fs=False, use_reg=False, use_corr=True)),
+    ("(4) L_smo + L_fs + L_corr", dict(use_smo=True, use_fs=True, use_reg=True, use_corr=True)),
+]
+ALPHA_ABLATION = [0.0, 0.25, 0.5, 0.75, 1.0]  # the paper's Figure 5 (training alpha)
+
+
+def ablation_runs(cfg):
+    """(row name, the settings it changes, its folder OUT/ablation_ROW) of --ablation alpha or loss."""
+    settings = ([(f"alpha = {a}", {"alpha": a}) for a in ALPHA_ABLATION]
+                if cfg.ablation == "alpha" else LOSS_ABLATION)
+    return [(name, change, Path(cfg.out) / ("ablation_" + "".join(c if c.isalnum() else "_" for c in name)))
+            for name, change in settings]

@@ -11,7 +11,7 @@ Paper parts covered
 Contents, in order
 1. Ĩ: colour- and luminosity-invariant copy of a batch (plain torch, batched, any device).
 2. The geometric pipeline shared by all sets: `SegmentationDataset`; `list_samples` (which files of
-   a split, `length` of them evenly spread), `build_dataset` (both together), `make_loader`.
+   a split, `length` of them evenly spread), `build_dataset` (both together).
 3. The pre-flight check `check_files`: every file of a set decoded (cheaply) and checked at once,
    before any weights load, so a bad file fails in one second instead of mid-training.
 4. `PredictFolder`: every image of a folder, for --predict, with output names that never collide.
@@ -47,11 +47,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 # Re-exported: callers use data.DATASETS, data.DataError, data.IGNORE, data.read_rgb, data.list_images.
+from checkpoints import one_line
 from layouts import (DATASETS, IGNORE, READERS, SYNTHETIC_SPLITS, DataError, check_label_size,  # noqa: F401
-                     draw_synthetic_scene, folder_label_map, label_table, list_images, map_labels, one_line,
+                     draw_synthetic_scene, folder_label_map, label_table, list_images, map_labels,
                      probe_image, read_rgb, samples_camvid, samples_cityscapes, samples_cocostuff, samples_folder,
                      samples_mastr1325, samples_potsdam)
 
@@ -384,7 +385,9 @@ def list_samples(name, root=None, split="train", n_classes=None, class_names=Non
         samples = [{"name": f"synthetic_{split}_{i:05d}", "format": "synthetic", "size": tuple(synthetic_size),
                     "rng_seed": [seed, SYNTHETIC_SPLITS[split], i]} for i in range(count)]
     else:
-        if root is None or not Path(root).is_dir():
+        if root is None:
+            raise DataError(f"--data {name} needs --data-root FOLDER, the folder that holds {layout}")
+        if not Path(root).is_dir():
             raise DataError(f"{root}: data folder of {name} not found; expected layout {layout}")
         if name == "potsdam":
             samples, kind = samples_potsdam(root, split, layout)
@@ -442,29 +445,6 @@ def build_dataset(name, root=None, split="train", mode="train", crop_size=224, r
     found = list_samples(name, root, split, n_classes, class_names, length, seed, synthetic_size)
     return SegmentationDataset(found["samples"], name, found["n_classes"], found["class_names"],
                                found["label_map"], mode, crop_size, resize, seed, five_crop, five_crop_ratio, flip)
-
-
-def make_loader(dataset, batch_size, shuffle, seed=0, num_workers=0, drop_last=False, pin_memory=None):
-    """DataLoader with a seeded generator (same order for the same seed); items collated to tensors."""
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
-    if drop_last and batch_size > len(dataset):
-        raise DataError(f"batch_size {batch_size} > {len(dataset)} items with drop_last=True: no batch at all")
-    generator = torch.Generator().manual_seed(seed)
-    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      drop_last=drop_last, generator=generator, pin_memory=pin)
-
-
-def to_device(batch, device):
-    """Move every tensor of a (nested) batch to `device` (non_blocking); other values stay as they are."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(value, device) for value in batch)
-    return batch
 
 
 # ----------------------------------------------------------------------------------------------

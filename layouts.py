@@ -23,6 +23,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from checkpoints import one_line
+
 IGNORE = -1  # label value of void pixels everywhere in the project
 INVALID = -2  # internal marker in label tables: a raw value that must not occur (-> DataError)
 
@@ -146,10 +148,6 @@ def ranges_text(values):
 # ----------------------------------------------------------------------------------------------
 # 2. Reading files: every problem becomes one DataError line naming the file
 # ----------------------------------------------------------------------------------------------
-
-def one_line(error):
-    return f"{type(error).__name__}: {error}".replace("\n", " ")
-
 
 def file_error(path, error, what="image"):
     """The one-line DataError for a file that could not be opened or decoded."""

@@ -102,6 +102,19 @@ def format_table(result, class_names=None):
     return "\n".join(lines)
 
 
+def format_ablation(title, rows):
+    """The table of an ablation: one row per setting, Acc / mIoU of every probe before and after the CRF.
+    rows: [(setting name, evaluate.evaluate's "probes")]."""
+    probes = list(rows[0][1])
+    lines = [title + " (Acc / mIoU in %; '-' = CRF off)",
+             f"{'setting':<28}" + "".join(f" {p + ' ' + s:>20}" for p in probes for s in ("", "+CRF"))]
+    for name, entries in rows:
+        cells = [(entries[p][stage] or {}) for p in probes for stage in ("before_crf", "after_crf")]
+        lines.append(f"{name:<28}" + "".join(f" {percent(c.get('acc')) + ' / ' + percent(c.get('miou')):>20}"
+                                             for c in cells))
+    return "\n".join(lines)
+
+
 def format_spread(summary, n_seeds):
     """One line: mean +- std of Acc and mIoU over k-means seeds, before and after the CRF."""
     parts = []

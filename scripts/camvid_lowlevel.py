@@ -42,8 +42,8 @@ def parse_args():
     parser.add_argument("--batch", type=int, default=8, help="images per batch")
     parser.add_argument("--patch", type=int, default=8, help="feature grid = image size // patch")
     parser.add_argument("--m", type=float, default=2.0, help="FCM fuzzifier m")
-    parser.add_argument("--sigma", type=float, default=fcm.DEFAULT_SIGMA, help="colour affinity sigma (eq 10)")
-    parser.add_argument("--max-iter", type=int, default=fcm.DEFAULT_MAX_ITER, help="FCM / k-means iteration cap")
+    parser.add_argument("--sigma", type=float, default=0.1, help="colour affinity sigma (eq 10)")
+    parser.add_argument("--max-iter", type=int, default=20, help="FCM / k-means iteration cap")
     parser.add_argument("--radii", default="1,3,5,10",
                         help="window radii of the local reading of eqs (9)-(12) to compare (comma-separated)")
     parser.add_argument("--seed", type=int, default=0)
@@ -127,14 +127,14 @@ def main():
     K = N_CLASSES
     common = dict(m=args.m, max_iter=args.max_iter, seed=args.seed, patch=args.patch)
     methods = {
-        "(a) spatial FCM + global affinity": lambda im: fcm.low_level_cue(im, K, sigma=args.sigma, **common),
+        "(a) spatial FCM + global affinity": lambda im: fcm.low_level_cue(im, K, sigma=args.sigma, affinity="global", **common),
         **{f"    spatial FCM + local affinity r={r}":
            (lambda im, r=r: fcm.low_level_cue(im, K, sigma=args.sigma, affinity="local", radius=r, **common))
            for r in map(int, args.radii.split(","))},
-        "(b) plain FCM (P)": lambda im: fcm.low_level_cue(im, K, spatial=False, affinity=False, **common),
+        "(b) plain FCM (P)": lambda im: fcm.low_level_cue(im, K, spatial=False, affinity="none", **common),
         "(c) k-means on colour": None,
-        "    spatial FCM, no affinity (P)": lambda im: fcm.low_level_cue(im, K, affinity=False, **common),
-        "    plain FCM + affinity": lambda im: fcm.low_level_cue(im, K, sigma=args.sigma, spatial=False, **common),
+        "    spatial FCM, no affinity (P)": lambda im: fcm.low_level_cue(im, K, affinity="none", **common),
+        "    plain FCM + affinity": lambda im: fcm.low_level_cue(im, K, sigma=args.sigma, spatial=False, affinity="global", **common),
     }
     results = {name: [] for name in methods}
     seconds = {name: 0.0 for name in methods}

@@ -18,7 +18,7 @@ What it prints (markdown) and writes (--out JSON):
   1. raw-feature baseline: k-means on the stand-in's features, no training;
   2. the alpha sweep of Figure 5 (training alpha 0 .. 1, per affinity reading of eqs 9-12), mean +- std
      over training seeds and k-means seeds, before / after the CRF, for both probes (k-means, centres);
-  3. eq (13) at evaluation (--eval-alpha): evaluate.fused_probs ("keep-scale") beside the fusion as printed
+  3. eq (13) at evaluation (--eval-alpha): il2vseg's ("keep-scale") beside the fusion as printed
      and other candidates, with soft, likelihood or hard cluster alignment, the sharpness of the unary fed to the CRF
      and how much the CRF changes.
 Expensive parts are shared: frames are decoded once, the stand-in's eval features and F^l are cached,
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--study-alphas", default="0,0.5", help="training alphas whose models get the fusion study")
     p.add_argument("--candidates", default="printed+hard,printed+soft,keep-scale+hard,keep-scale+soft,poe+soft",
                    help="eval-time fusions compared, KIND+ALIGN: printed (softmax(2 F^f), the fusion as printed), "
-                        "keep-scale (evaluate.fused_probs), poe, mix, crf-first; ALIGN soft, likelihood or hard "
+                        "keep-scale (il2vseg.fuse keep_scale), poe, mix, crf-first; ALIGN soft, likelihood or hard "
                         "(il2vseg.align_clusters); a suffix @A gives the candidate its own eval alpha (default --eval-alpha)")
     p.add_argument("--no-crf", action="store_true")
     p.add_argument("--workers", type=int, default=2, help="training runs in parallel (forked processes)")
@@ -223,12 +223,10 @@ cached_train_set.cache = {}
 PROJECT_FUSE = il2vseg.fuse
 
 
-def range_fuse(f_seg, f_low, alpha=0.5, temperature=0.1, how="soft"):
-    """A study variant of eq (13), not an option of il2vseg: F^l mapped from [0, 1] onto the cosines' [-1, 1],
-    (1 - a) F^seg + a (2 F^l - 1)."""
-    if alpha > 0:
-        f_low = il2vseg.align_clusters(f_low, f_seg.detach(), temperature, how)
-    return (1 - alpha) * f_seg + alpha * (2 * f_low - 1)
+def range_fuse(f_seg, f_low, alpha=0.5, keep_scale=False):
+    """A study variant of eq (13), not an option of il2vseg: F^l (aligned) mapped from [0, 1] onto the
+    cosines' [-1, 1], (1 - a) F^seg + a (2 F^l - 1)."""
+    return PROJECT_FUSE(f_seg, 2 * f_low - 1, alpha, keep_scale)
 
 
 def train_model(args, backbone, seed, alpha, affinity, workdir):
@@ -274,18 +272,20 @@ def fused_unary(kind, codes, centres, size, low, alpha, scale=2.0):
     """Cluster probabilities (B, K, H, W) fed to the CRF. low = F^l aligned to the probe's clusters.
       none        softmax(2 cos)                                   no fusion (the protocol's default)
       printed     softmax(2 F^f) = softmax((1-a) 2cos + a 2 F^l)   eq (13) on the scores, softmax as printed
-      keep-scale  evaluate.fused_probs: softmax(2 F^f / (1-a)) = softmax(2cos + a/(1-a) 2 F^l), the same
+      keep-scale  il2vseg's: softmax(2 F^f / (1-a)) = softmax(2cos + a/(1-a) 2 F^l) (fuse keep_scale), the same
                   argmax as printed, but the high-level scores keep their scale (the CRF sees unfused sharpness)
       poe         softmax((1-a) log p + a log F^l): product of experts, geometric mean of the two maps
       mix         (1-a) p + a F^l: mixture of the two probability maps
       crf-first   before the CRF as keep-scale; after: the CRF refines softmax(2 cos) alone, then eq (13) adds F^l
                   to its log marginals with keep-scale's weight (the CRF never sees F^l)"""
+    upsample = lambda t: F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False)  # noqa: E731
+    cos = il2vseg.cosine_to_centres(upsample(codes), centres)  # eq (2) at the label size (B, K, H, W)
     if kind == "none":
-        return evaluate.fused_probs(codes, centres, size)
+        return torch.softmax(scale * cos, dim=1)
+    low = upsample(low)
     if kind in ("keep-scale", "crf-first"):
-        return evaluate.fused_probs(codes, centres, size, low, alpha, scale)
-    log_p = evaluate.cluster_log_probs(codes, centres, size=size, scale=scale)  # (B, K, H, W)
-    low = F.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)
+        return torch.softmax(scale * il2vseg.fuse(cos, low, alpha, keep_scale=True), dim=1)
+    log_p = torch.log_softmax(scale * cos, dim=1)  # (B, K, H, W)
     if kind == "printed":
         return torch.softmax((1 - alpha) * log_p + alpha * scale * low, dim=1)
     if kind == "poe":
@@ -337,7 +337,7 @@ def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf,
                 entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
                 changed = 0.0
                 if use_crf and kind == "crf-first":  # the CRF refines the high-level map, then eq (13) adds F^l
-                    refined = crf.run_crf(evaluate.fused_probs(c, centres, lab.shape[-2:]), kernels, 10)
+                    refined = crf.run_crf(fused_unary("none", c, centres, lab.shape[-2:], None, a), kernels, 10)
                     low = F.interpolate(aligned[reading, how].float(), size=lab.shape[-2:], mode="bilinear",
                                         align_corners=False)
                     pred_crf = (refined.clamp_min(1e-12).log() + a / (1 - a) * 2.0 * low).argmax(1)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import backbones
+import checkpoints
 from pasting import paste_alone
 
 # Parameter counts of the official networks (their papers / model cards; without heads).
@@ -581,9 +582,17 @@ def test_unreadable_files_fail_with_one_line(tmp_path):
         assert f"--weights {tmp_path / name}" in message and expected in message, message
 
 
-def test_describe_survives_empty_messages():
-    assert backbones.describe(EOFError()) == "EOFError"
-    assert backbones.describe(RuntimeError("first\nsecond")) == "RuntimeError: first"
+def test_one_line_survives_empty_messages_and_unwraps_workers_and_torch_load():
+    assert checkpoints.one_line(EOFError()) == "EOFError"
+    assert checkpoints.one_line(RuntimeError("first\nsecond")) == "RuntimeError: first"
+    assert checkpoints.one_line(ValueError("our own\nmessage"), named=False) == "our own message"
+    worker = ValueError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File x\nlayouts.DataError: /a/b.png: corrupt")
+    assert checkpoints.one_line(worker) == "DataError: /a/b.png: corrupt"
+    assert checkpoints.one_line(worker, named=False) == "/a/b.png: corrupt"
+    refusal = RuntimeError("Weights only load failed. This file can still be loaded ...\n(1) In PyTorch 2.6 ...\n"
+                           "WeightsUnpickler error: Unsupported global: GLOBAL os.system")
+    assert checkpoints.one_line(refusal) == "RuntimeError: Unsupported global: GLOBAL os.system"
 
 
 def test_weights_from_the_torch_hub_cache_work_offline(official_files, tmp_path, monkeypatch):

@@ -256,22 +256,15 @@ def test_length_keeps_an_evenly_spaced_subset(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Loaders, devices
+# Batches of a DataLoader
 # ------------------------------------------------------------------------------------------------
 
-def test_make_loader_and_to_device():
+def test_items_collate_into_batches():
     ds = build_dataset("synthetic", None, "train", "train", crop_size=32, resize=32, length=12,
                        synthetic_size=(48, 64))
-    names = lambda seed: [n for batch in data.make_loader(ds, 4, True, seed=seed) for n in batch["name"]]
-    assert names(0) == names(0) and names(0) != names(1) and sorted(names(0)) == sorted(names(1))
-    batch = next(iter(data.make_loader(ds, 5, False)))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
     assert batch["image"].shape == (5, 3, 32, 32) and batch["label"].dtype == torch.int64
     assert batch["has_label"].dtype == torch.bool and batch["has_label"].all()
-    moved = data.to_device(batch, "cpu")
-    assert moved["image"].device.type == "cpu" and moved["name"] == batch["name"]
-    assert len(list(data.make_loader(ds, 5, False, drop_last=True))) == 2
-    with pytest.raises(DataError):
-        data.make_loader(ds, 13, True, drop_last=True)
 
 
 # ------------------------------------------------------------------------------------------------

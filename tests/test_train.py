@@ -150,8 +150,9 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
 
 
 def test_batches_depend_only_on_seed_and_step():
-    whole = list(il2vseg.batches_for_steps(10, 3, seed=1, start_step=0, n_steps=7))
-    tail = list(il2vseg.batches_for_steps(10, 3, seed=1, start_step=4, n_steps=7))
+    whole = list(il2vseg.Batches(10, 3, seed=1, start=0, n_steps=7))
+    tail = list(il2vseg.Batches(10, 3, seed=1, start=4, n_steps=7))
+    assert len(il2vseg.Batches(10, 3, seed=1, start=4, n_steps=10**9)) == 10**9 - 4  # lazy: no list of batches
     assert whole[4:] == tail
     first_epoch = [i for _, i in sum(whole[:3], [])]
     assert len(set(first_epoch)) == 9  # no image twice within an epoch
@@ -283,7 +284,7 @@ def test_checkpoints_from_before_a_setting_existed_and_bad_stored_settings():
 @pytest.mark.parametrize("argv, fit_images", [([], 64), (["--train-split", "val"], 16), (["--probe-images", "10"], 10)])
 def test_synthetic_kmeans_fit_uses_the_training_splits_own_scenes(argv, fit_images):
     cfg = cli.resolve_defaults(cli.parse_args(["--train"] + argv), torch.device("cpu"))
-    train_set, _, fit_set = cli.build_datasets(cfg)
+    (train_set, _, fit_set), _ = cli.build_datasets(cfg)
     assert len(fit_set) == fit_images
     assert [s["rng_seed"] for s in fit_set.samples] == [s["rng_seed"] for s in train_set.samples][:fit_images]
 
@@ -297,7 +298,7 @@ def test_gradient_reaches_only_what_each_term_should_train(tmp_path):
     model = il2vseg.Segmenter(3, in_dim=backbone.dim, dim=8)
     images = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, length=4)
     images = torch.stack([images[i]["image"] for i in range(4)])
-    terms = il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0))
+    _, terms = il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0))
     assert set(terms) == {"data", "smo", "corr", "fs", "reg"}
     for name, value in terms.items():
         model.zero_grad(set_to_none=True)

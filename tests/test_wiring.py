@@ -59,7 +59,7 @@ def settings(tmp_path, *extra):
 
 def batch_of_step_one(dataset, cfg):
     """The images train() sees at its first step, drawn independently of the loader."""
-    (indices,) = il2vseg.batches_for_steps(len(dataset), cfg.batch_size, cfg.seed, 0, 1)
+    (indices,) = il2vseg.Batches(len(dataset), cfg.batch_size, cfg.seed, 0, 1)
     dataset.set_epoch(0)
     return torch.stack([dataset[i]["image"] for _, i in indices])
 
@@ -150,11 +150,12 @@ class Spy:
     """Wraps module.name, recording the arguments of every call."""
 
     def __init__(self, monkeypatch, module, name):
-        self.calls, real = [], getattr(module, name)
+        self.calls, self.results, real = [], [], getattr(module, name)
 
         def spy(*args, **kwargs):
             self.calls.append((args, kwargs))
-            return real(*args, **kwargs)
+            self.results.append(real(*args, **kwargs))
+            return self.results[-1]
         monkeypatch.setattr(module, name, spy)
 
 
@@ -257,18 +258,21 @@ def test_the_loss_constants_of_each_data_set_reach_the_run(tmp_path):
 
 
 def test_the_loss_switches_reach_the_total(tmp_path, monkeypatch):
+    """--no-X makes its terms exactly 0 without computing them, and eq (15) sums what is left with beta 0.3
+    and gamma 0.7 (the data term goes with L_smo)."""
+    calls = {"smo": "smoothness_loss", "data": "data_loss", "fs": "feature_similarity_losses",
+             "reg": "feature_similarity_losses", "corr": "correspondence_terms"}
     for flag, off in (("--no-smo", {"smo", "data"}), ("--no-fs", {"fs"}), ("--no-reg", {"reg"}),
-                      ("--no-corr", {"corr"})):
-        cfg = settings(tmp_path, flag)
-        spy = Spy(monkeypatch, losses, "total_loss")
-        dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=CROP, length=B)
-        backbone = StandIn().eval().requires_grad_(False)
-        il2vseg.train(backbone, il2vseg.build_model(cfg, backbone, K, "cpu"), dataset, cfg, torch.device("cpu"),
-                      log=lambda *a: None)
-        kwargs = spy.calls[0][1]
-        assert (kwargs["beta"], kwargs["gamma"]) == (0.3, 0.7)
-        for term in ("smo", "data", "fs", "reg", "corr"):
-            assert kwargs[f"use_{term}"] is (term not in off), (flag, term)
+                      ("--no-corr", {"corr"}), ("--no-fs --no-reg", {"fs", "reg"})):
+        cfg, backbone, model, images = step_inputs(tmp_path, *flag.split())
+        spies = {name: Spy(monkeypatch, losses, name) for name in set(calls.values())}
+        total, terms = il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0))
+        for term in calls:
+            assert (terms[term].item() == 0.0) is (term in off), (flag, term)
+            if off >= {term for term, call in calls.items() if call == calls[term]}:
+                assert not spies[calls[term]].calls, (flag, term)
+        expected = 0.3 * terms["reg"] + 0.7 * terms["fs"] + terms["smo"] + terms["data"] + terms["corr"]
+        torch.testing.assert_close(total, expected)
         monkeypatch.undo()
 
 
@@ -300,11 +304,15 @@ def test_default_evaluation_fits_kmeans_on_training_images_and_reports_both_prob
     assert loader.dataset is train_set and kwargs["flip"] is True  # fit on training images, flip TTA on
     (_, k), kmeans_kwargs = spies["kmeans"].calls[0]
     assert k == K and kmeans_kwargs["n_init"] == 5 and kmeans_kwargs["seed"] == cfg.seed
-    (_, val_loader, _, probes, _), eval_kwargs = spies["evaluate"].calls[0]
+    (_, score_fn, val_loader, _, probes, _), eval_kwargs = spies["evaluate"].calls[0]
     assert val_loader.dataset is val_set and set(probes) == {"kmeans", "centres"}
     assert probes["centres"] is model.global_centres
-    assert eval_kwargs["flip"] is True and eval_kwargs["use_crf"] is True and eval_kwargs["alpha"] == 0.0
-    assert eval_kwargs["low_level_fn"] is None
+    assert probes["kmeans"] is spies["kmeans"].results[0][0]  # the fitted centres, not the global ones
+    assert not torch.allclose(probes["kmeans"], model.global_centres)
+    assert eval_kwargs["flip"] is True and eval_kwargs["use_crf"] is True
+    codes, centres = torch.randn(2, 8, 4, 4), torch.randn(K, 8)  # no --eval-alpha: eq (2) at the label size
+    expected = il2vseg.cosine_to_centres(F.interpolate(codes, size=(32, 32), mode="bilinear"), centres)
+    torch.testing.assert_close(score_fn(torch.rand(2, 3, CROP, CROP), codes, centres, (32, 32)), expected)
     assert set(result["probes"]) == {"kmeans", "centres"}
     assert all(result["probes"][p]["after_crf"] is not None for p in ("kmeans", "centres"))
     assert len(spies["crf"].calls) == 2  # one CRF per probe for the one batch
@@ -346,14 +354,16 @@ def test_eval_alpha_fuses_the_aligned_low_level_cue_of_the_evaluated_images(tmp_
                                                    "--align", train_align,
                                                    *(["--eval-align", align] if align else []))
     align = align or "likelihood"
-    kwargs = spies["evaluate"].calls[0][1]
-    assert kwargs["alpha"] == 0.4 and kwargs["low_level_fn"] is not None
+    score_fn = spies["evaluate"].calls[0][0][1]
     images = torch.rand(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))
     codes, centres = torch.randn(2, 8, 4, 4), torch.randn(K, 8)
     f_low = fcm.low_level_cue(images, K, sigma=cfg.fcm_sigma, patch=8, affinity=cfg.affinity, radius=cfg.radius,
                               max_iter=3)
-    expected = il2vseg.align_clusters(f_low, il2vseg.cosine_to_centres(codes, centres), how=align)
-    torch.testing.assert_close(kwargs["low_level_fn"](images, codes, centres), expected)
+    aligned = il2vseg.align_clusters(f_low, il2vseg.cosine_to_centres(codes, centres), how=align)  # on the grid
+    upsample = lambda t: F.interpolate(t, size=(16, 16), mode="bilinear")  # noqa: E731
+    f_seg = il2vseg.cosine_to_centres(upsample(codes), centres)
+    expected = f_seg + 0.4 / 0.6 * upsample(aligned)  # eq (13) with alpha 0.4, F^seg kept at its scale
+    torch.testing.assert_close(score_fn(images, codes, centres, (16, 16)), expected)
 
 
 def test_the_low_level_branch_uses_the_runs_fcm_settings(tmp_path):
@@ -375,7 +385,7 @@ def test_compiled_branch_falls_back_to_eager_with_one_line(tmp_path, monkeypatch
         return functools.partial(lambda *a: (_ for _ in ()).throw(RuntimeError("inductor: no C++ compiler")))
 
     monkeypatch.setattr(torch, "compile", failing_compile)
-    branch = il2vseg.low_level_branch(cfg, 3, 8, compiled=True, log=lines.append)
+    branch = il2vseg.compiled_with_fallback(il2vseg.low_level_branch(cfg, 3, 8), log=lines.append)
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     expected = il2vseg.low_level_branch(cfg, 3, 8)(images)
     assert torch.equal(branch(images), expected) and torch.equal(branch(images), expected)
@@ -386,7 +396,7 @@ def test_compiled_branch_falls_back_to_eager_with_one_line(tmp_path, monkeypatch
 def test_compiled_branch_on_cuda_matches_eager_without_falling_back(tmp_path):
     cfg = settings(tmp_path)
     lines = []
-    compiled = il2vseg.low_level_branch(cfg, 27, 8, compiled=True, log=lines.append)  # training's shapes:
+    compiled = il2vseg.compiled_with_fallback(il2vseg.low_level_branch(cfg, 27, 8), lines.append)  # training's shapes:
     eager = il2vseg.low_level_branch(cfg, 27, 8)                                         # inductor bugs are
     for seed in (0, 1):  # a second batch of the same shape replays what the first captured   # shape-dependent
         images = torch.rand(32, 3, 224, 224, generator=torch.Generator().manual_seed(seed)).cuda()

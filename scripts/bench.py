@@ -1,7 +1,7 @@
 """Speed benchmarks of il2vseg (not tests): prints one table.
 
-    python bench.py                 # on CUDA when present, else a reduced CPU set
-    python bench.py --camvid DIR    # use a real 480x360 CamVid frame for the CRF rows
+    python scripts/bench.py                 # on CUDA when present, else a reduced CPU set
+    python scripts/bench.py --camvid DIR    # use a real 480x360 CamVid frame for the CRF rows
 
 Rows: the ViT-S/8 forward (bf16 on CUDA; timm's ViT beside it when timm happens to be installed,
 it is never a dependency), the low-level branch (FCM + colour affinity + A·P, eqs 1-12; both
@@ -13,19 +13,20 @@ import argparse
 import datetime
 import importlib
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import backbones
-import cli
-import crf
-import data
-import evaluate
-import fcm
-import il2vseg
-import losses
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import backbones  # noqa: E402
+import cli  # noqa: E402
+import crf  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import fcm  # noqa: E402
+import il2vseg  # noqa: E402
 
 
 def timed(fn, device, repeat=10, warmup=3):
@@ -132,7 +133,7 @@ def main():
             "< 5 ms on H100" if cuda else f"< 50 ms/img: {ms / args.batch:.1f} ms/img")
     if cuda:  # as training runs it: torch.compile(mode="reduce-overhead")
         notes = []
-        compiled = il2vseg.low_level_branch(cfg, 27, 8, compiled=True, log=notes.append)
+        compiled = il2vseg.compiled_with_fallback(il2vseg.low_level_branch(cfg, 27, 8), log=notes.append)
         ms = timed(lambda: compiled(images320), device)
         add(f"low-level branch 320x320, K=27, torch.compile{' FAILED: eager' if notes else ''}", ms,
             f"batch {args.batch}", "< 5 ms on H100")
@@ -142,12 +143,12 @@ def main():
     model = il2vseg.build_model(cfg, backbone, n_classes, device)
     optimiser = il2vseg.make_optimiser(model, cfg)
     generator = torch.Generator(device=device).manual_seed(0)
-    low_level = il2vseg.low_level_branch(cfg, n_classes, backbone.stride, compiled=cuda and args.compile,
-                                         log=print)  # as training runs it (eager unless --compile)
+    low_level = il2vseg.low_level_branch(cfg, n_classes, backbone.stride)  # as training runs it (eager unless --compile)
+    if cuda and args.compile:
+        low_level = il2vseg.compiled_with_fallback(low_level)
 
     def step():
-        terms = il2vseg.loss_terms(backbone, model, images224, cfg, generator, low_level)
-        total, _ = losses.total_loss(terms, beta=cfg.beta, gamma=cfg.gamma)
+        total, _ = il2vseg.loss_terms(backbone, model, images224, cfg, generator, low_level)
         optimiser.zero_grad(set_to_none=True)
         total.backward()
         optimiser.step()
