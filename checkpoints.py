@@ -168,7 +168,7 @@ def check_resume(state, cfg, path, keys):
 
 # settings a resumed run must share with its checkpoint (data, order, shapes, losses)
 RESUME_MUST_MATCH = ("data", "data_root", "train_split", "arch", "weights", "dim", "dropout", "batch_size", "crop",
-                     "seed", "five_crop", "alpha", "beta", "gamma", "use_smo", "use_fs", "use_reg", "use_corr",
+                     "seed", "five_crop", "train_crop", "resize", "alpha", "beta", "gamma", "use_smo", "use_fs", "use_reg", "use_corr",
                      "lr_head", "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius",
                      "fusion_in", "align", "smooth_temperature")
 

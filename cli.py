@@ -65,7 +65,14 @@ def parse_args(argv=None):
                    help="training crop (default: 224; 128 for synthetic on the CPU; the multiple of the stride nearest it)")
     d.add_argument("--eval-crop", type=int, default=None,
                    help="evaluation centre crop (default: 320, 322 for /14 backbones; 192 for synthetic on the CPU)")
-    d.add_argument("--five-crop", action="store_true", help="train on STEGO's five crops (corners + centre, half size) of every image")
+    d.add_argument("--five-crop", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on the five half-size crops (corners + centre) of every image, as STEGO and SmooSeg do "
+                        "(default: on, except for potsdam and synthetic)")
+    d.add_argument("--train-crop", choices=["centre", "random"], default="centre",
+                   help="training crop after resizing: the centre, as the peers do, or a random crop with a random flip")
+    d.add_argument("--resize", choices=["nearest", "bilinear"], default="nearest",
+                   help="how images are resized (training, evaluation, prediction): PIL's nearest neighbour as the peers "
+                        "do, or antialiased bilinear; labels always nearest")
     d.add_argument("--eval-images", type=int, default=None, help="evaluate on this many val images, evenly spaced (default: all)")
     d.add_argument("--num-workers", type=int, default=None, help="data loader worker processes (default: up to 16 on CUDA, 0 on the CPU)")
     m = p.add_argument_group("model")
@@ -166,6 +173,7 @@ def resolve_defaults(cfg, device):
                 "batch_size": 32 if cuda else 8,
                 "steps": 3000 if cfg.data != "synthetic" else (300 if cuda else 60),
                 "num_workers": min(16, os.cpu_count() or 1) if cuda else 0,  # on the CPU workers compete for cores
+                "five_crop": cfg.data not in ("potsdam", "synthetic"),  # the peers five-crop Cityscapes and COCO-Stuff
                 "out": str(Path(cfg.checkpoint).parent) if cfg.checkpoint else str(Path("runs") / cfg.data)}
     for key, value in defaults.items():
         if getattr(cfg, key) is None:
@@ -241,11 +249,12 @@ def pick_device(name):
 def build_datasets(cfg):
     """((train, val, k-means fit set), --predict folder) for what the command does, None where it needs
     none; every file checked (data.check_files) before any weights load."""
-    common = dict(n_classes=cfg.n_classes, seed=cfg.seed, stride=backbones.ARCHS[cfg.arch]["stride"])
+    common = dict(n_classes=cfg.n_classes, seed=cfg.seed, stride=backbones.ARCHS[cfg.arch]["stride"],
+                  interpolation=cfg.resize)
     train_set = val_set = fit_set = None
     if cfg.train or cfg.ablation:
         train_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.train_split, mode="train",
-                                       crop_size=cfg.crop, five_crop=cfg.five_crop, **common)
+                                       crop_size=cfg.crop, five_crop=cfg.five_crop, train_crop=cfg.train_crop, **common)
     if cfg.train or cfg.eval or cfg.ablation:
         val_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.val_split, mode="eval",
                                      crop_size=cfg.eval_crop, length=cfg.eval_images, **common)
@@ -261,7 +270,7 @@ def build_datasets(cfg):
     if train_set is not None and len(train_set) < cfg.batch_size:
         raise ValueError(f"the {cfg.train_split} split has {len(train_set)} images, fewer than --batch-size "
                          f"{cfg.batch_size}")
-    predict_set = data.PredictFolder(cfg.predict, cfg.eval_crop, common["stride"]) if cfg.predict else None
+    predict_set = data.PredictFolder(cfg.predict, cfg.eval_crop, common["stride"], cfg.resize) if cfg.predict else None
     problems = []
     for dataset in (train_set, val_set, fit_set, predict_set):
         try:

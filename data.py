@@ -20,15 +20,17 @@ Conventions (shared by the whole project)
 - An item is a dict: "image" float32 (3, H, W) RGB in [0, 1] (NOT ImageNet-normalised:
   backbones.normalize does that), "label" int64 (H, W) with class ids 0..n_classes-1 and IGNORE = -1
   for void (all -1 when the image has no label), "has_label" bool, "name" str.
-- Geometry (peers' protocol): mode "eval" resizes the short side to `resize` (default crop_size) and
-  takes the centre crop_size x crop_size crop (STEGO/SmooSeg eval: Resize(320) + CenterCrop(320));
-  mode "train" resizes the short side to `resize` (default crop_size, as SmooSeg trains at 224) and takes
-  a random crop plus a random horizontal flip. Images are resized bilinearly (antialiased), labels with
-  nearest neighbour, so labels stay class ids. crop_size is a multiple of the backbone's stride.
+- Geometry (the peers' protocol): the short side is resized to `resize` (default crop_size) and the
+  centre crop_size x crop_size crop is taken: STEGO / SmooSeg evaluate with Resize(320) + CenterCrop(320)
+  and train with Resize(224) + CenterCrop(224) of five-crops (below), without flips. mode "train" with
+  train_crop="random" takes a random crop plus a random horizontal flip instead. Images are resized
+  with nearest neighbour as the peers do (PIL NEAREST through torchvision's Resize), or bilinearly
+  (antialiased) with interpolation="bilinear"; labels always with nearest neighbour, so they stay class
+  ids. crop_size is a multiple of the backbone's stride.
 - `five_crop=True` is STEGO's pre-cropping: every source image gives 5 crops (top-left, top-right,
   bottom-left, bottom-right, centre) of five_crop_ratio (0.5) of its height and width, taken BEFORE
   the resize/crop above; the data set is then 5x longer (item i = crop i % 5 of image i // 5).
-- Randomness: the random crop and flip of item `index` come from
+- Randomness (train_crop="random"): the random crop and flip of item `index` come from
   numpy.random.default_rng([seed, epoch, index]): the same (seed, epoch, index) always gives the same
   crop, whichever worker loads it. Call `dataset.set_epoch(e)` to get fresh crops each epoch.
 - Size limits: an image is never upsampled more than MAX_UPSCALE (4x) to reach a crop or a prediction
@@ -128,45 +130,46 @@ def adjust_hue(images, shift):
     return hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1)).clamp(0, 1)
 
 
-def photometric_augment(images, generator=None, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                        grayscale_p=0.2, jitter_p=0.8):
-    """Ĩ_b of the paper: a colour- and luminosity-invariant copy of a batch I_b (B, 3, H, W) in [0, 1].
+def gaussian_blur(images, sigma, size=5):
+    """Blur each image (B, 3, H, W) with its own Gaussian of std sigma (B,) in pixels: a size x size kernel
+    (separable), reflected borders, as torchvision's GaussianBlur."""
+    B, C, H, W = images.shape
+    offsets = torch.arange(size, device=images.device, dtype=images.dtype) - (size - 1) / 2  # (size,)
+    taps = torch.exp(-0.5 * (offsets / sigma.view(-1, 1)) ** 2)                               # (B, size)
+    taps = (taps / taps.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)                 # (B C, size)
+    x = F.pad(images.reshape(1, B * C, H, W), (size // 2,) * 4, mode="reflect")
+    x = F.conv2d(x, taps.view(B * C, 1, 1, size), groups=B * C)                               # along the rows
+    x = F.conv2d(x, taps.view(B * C, 1, size, 1), groups=B * C)                               # along the columns
+    return x.view(B, C, H, W)
 
-    Per image: with probability jitter_p a colour jitter with factors drawn uniformly from
-    [1 - brightness, 1 + brightness], [1 - contrast, 1 + contrast], [1 - saturation, 1 + saturation] and a
-    hue shift in [-hue, hue] (applied in that fixed order), then with probability grayscale_p the image is
-    replaced by its luma on all 3 channels (the STEGO/DINO recipe: ColorJitter p=0.8, RandomGrayscale 0.2).
-    Geometry is unchanged, so pixel (i, j) of Ĩ corresponds to pixel (i, j) of I (identity correspondence).
-    All random numbers come from `generator` (drawn on its device, then moved), so a seeded generator
-    gives the same result on any device. Output is clamped to [0, 1].
 
-    needs: adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue, grayscale
+def photometric_augment(images, generator=None, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1,
+                        grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0)):
+    """Ĩ of the paper: a colour- and luminosity-jittered copy of a batch I (B, 3, H, W) in [0, 1].
+
+    STEGO's photometric recipe, per image: ColorJitter(0.3, 0.3, 0.3, 0.1) (factors uniform in [1 - b, 1 + b],
+    ..., a hue shift in [-h, h] turns), then grayscale with probability 0.2, then a 5 x 5 Gaussian blur of
+    std uniform in [0.1, 2] pixels with probability 0.5. One difference: the jitter's four parts come in a
+    fixed order (torchvision draws the order at random). The geometry is unchanged, so pixel (i, j) of Ĩ is
+    pixel (i, j) of I. Every random number comes from `generator`, drawn on its device, in this order:
+    brightness, contrast, saturation, hue, grayscale, blur, blur std.
+    needs: adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue, grayscale, gaussian_blur
     """
-    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"photometric_augment: expected a float (B, 3, H, W) tensor, got {shape}")
     batch = images.shape[0]
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    draw_device = generator.device if generator is not None else torch.device("cpu")
 
     def uniform(low, high):  # (B,) on the images' device
-        u = torch.rand(batch, generator=generator, device=gen_device)
+        u = torch.rand(batch, generator=generator, device=draw_device)
         return (low + (high - low) * u).to(images.device, images.dtype)
 
-    # draw every random number first, in a fixed order (reproducible)
-    b = uniform(1 - brightness, 1 + brightness)  # (B,)
-    c = uniform(1 - contrast, 1 + contrast)
-    s = uniform(1 - saturation, 1 + saturation)
-    h = uniform(-hue, hue)
-    jitter = uniform(0, 1) < jitter_p  # (B,) bool
-    gray = uniform(0, 1) < grayscale_p
+    b, c, s, h = (uniform(1 - brightness, 1 + brightness), uniform(1 - contrast, 1 + contrast),
+                  uniform(1 - saturation, 1 + saturation), uniform(-hue, hue))  # (B,) each
+    gray, blur = uniform(0, 1) < grayscale_p, uniform(0, 1) < blur_p           # (B,) bool
+    sigma = uniform(*blur_sigma)                                                # (B,)
 
-    out = adjust_brightness(images.clamp(0, 1), b)  # (B, 3, H, W)
-    out = adjust_contrast(out, c)
-    out = adjust_saturation(out, s)
-    if hue > 0:
-        out = adjust_hue(out, h)
-    out = torch.where(jitter.view(-1, 1, 1, 1), out, images.clamp(0, 1))
+    out = adjust_hue(adjust_saturation(adjust_contrast(adjust_brightness(images, b), c), s), h)  # (B, 3, H, W)
     out = torch.where(gray.view(-1, 1, 1, 1), grayscale(out).expand_as(out), out)
+    out = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(out, sigma), out)
     return out.clamp(0, 1)
 
 
@@ -197,20 +200,30 @@ def resized_size(height, width, short):
     return int(short * height / width), short
 
 
-def resize_short_side(image, label, short):
-    """Resize so that min(H, W) == short: image (3, H, W) bilinear (antialiased), label (H, W) nearest.
+def resize_image(image, size, interpolation="nearest"):
+    """image (C, H, W) -> (C, size[0], size[1]): nearest neighbour through pixel centres (PIL NEAREST,
+    torch's "nearest-exact"), or bilinear with antialiasing (interpolation="bilinear")."""
+    if interpolation == "bilinear":
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    def source(n_in, n_out):  # the input pixel under each output pixel's centre, summed up as PIL does
+        steps = np.full(n_out, n_in / n_out)
+        steps[0] /= 2
+        centres = np.add.accumulate(steps)                     # one addition after the other: PIL's rounding too
+        return torch.from_numpy(np.minimum(centres.astype(np.int64), n_in - 1))
+    height, width = image.shape[-2:]
+    return image.index_select(-2, source(height, size[0])).index_select(-1, source(width, size[1]))
 
-    needs: resized_size
+
+def resize_short_side(image, label, short, interpolation="nearest"):
+    """Resize so that min(H, W) == short: image (3, H, W) by `interpolation`, label (H, W) nearest.
+
+    needs: resized_size, resize_image
     """
     height, width = image.shape[1:]
     if min(height, width) == short:
         return image, label
     size = resized_size(height, width, short)
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    # nearest neighbour through pixel centres (PIL NEAREST / torch "nearest-exact"), as an index gather
-    rows = ((torch.arange(size[0]) + 0.5) * (height / size[0])).long().clamp_(max=height - 1)
-    cols = ((torch.arange(size[1]) + 0.5) * (width / size[1])).long().clamp_(max=width - 1)
-    return image, label.index_select(0, rows).index_select(1, cols)
+    return resize_image(image, size, interpolation), resize_image(label, size)
 
 
 def say_once(said, dataset_name, note):
@@ -229,7 +242,7 @@ class SegmentationDataset(Dataset):
     """
 
     def __init__(self, samples, dataset_name, n_classes, class_names, label_map, mode, crop_size, resize,
-                 seed, five_crop, five_crop_ratio, flip):
+                 seed, five_crop, five_crop_ratio, train_crop="centre", interpolation="nearest"):
         self.samples = samples
         self.dataset_name = dataset_name
         self.n_classes = n_classes
@@ -241,7 +254,8 @@ class SegmentationDataset(Dataset):
         self.seed = seed
         self.five_crop = five_crop
         self.five_crop_ratio = five_crop_ratio
-        self.flip = flip
+        self.random_crop = mode == "train" and train_crop == "random"  # random crop and flip, else the centre
+        self.interpolation = interpolation
         self.epoch = 0
         self.said = set()  # conversion notes already said by this data set (each said once)
         self.drawn = {}  # synthetic scenes kept (per process): a scene is drawn once, not every epoch
@@ -322,21 +336,21 @@ class SegmentationDataset(Dataset):
             image, label = five_crop_one(image, label, index % 5, self.five_crop_ratio)
             name = f"{name}_{FIVE_CROP_NAMES[index % 5]}"
 
-        # 2. resize the short side (bilinear for the image, nearest for the label)
+        # 2. resize the short side (the image by self.interpolation, the label nearest)
         if self.resize:
-            image, label = resize_short_side(image, label, self.resize)
+            image, label = resize_short_side(image, label, self.resize, self.interpolation)
 
-        # 3. crop (random in train, centre in eval) and random horizontal flip in train
+        # 3. the centre crop (the peers), or a random crop and a random horizontal flip
         height, width = image.shape[1:]
         size = self.crop_size
         rng = np.random.default_rng([self.seed, self.epoch, index])  # per-item randomness
-        if self.mode == "train":
+        if self.random_crop:
             top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
         else:
             top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
         image = image[:, top:top + size, left:left + size]  # (3, size, size)
         label = label[top:top + size, left:left + size]  # (size, size)
-        if self.mode == "train" and self.flip and rng.random() < 0.5:
+        if self.random_crop and rng.random() < 0.5:
             image, label = image.flip(-1), label.flip(-1)
         return {"image": image.clamp(0, 1).contiguous(), "label": label.contiguous(),
                 "has_label": has_label, "name": name}
@@ -415,13 +429,14 @@ def list_samples(name, root=None, split="train", n_classes=None, class_names=Non
 
 
 def build_dataset(name, root=None, split="train", mode="train", crop_size=224, resize=None, n_classes=None,
-                  seed=0, five_crop=False, flip=True, length=None, five_crop_ratio=0.5, class_names=None,
-                  synthetic_size=(384, 512), stride=8):
+                  seed=0, five_crop=False, length=None, five_crop_ratio=0.5, class_names=None,
+                  synthetic_size=(384, 512), stride=8, train_crop="centre", interpolation="nearest"):
     """Build a data set -> SegmentationDataset (torch Dataset) of dicts image/label/has_label/name.
 
     name: one of DATASETS. root: data folder (ignored for synthetic). split: as the layout names it
-    (see `list_samples`). mode: "train" (resize + random crop + flip) or "eval" (resize + centre
-    crop). crop_size: side of the square output, a positive multiple of `stride`, the backbone's
+    (see `list_samples`). mode: "train" or "eval": resize + centre crop in both (the peers), except
+    train_crop="random" in train mode: resize + random crop + random flip. interpolation: "nearest" (the
+    peers) or "bilinear" for the images (labels always nearest). crop_size: side of the square output, a positive multiple of `stride`, the backbone's
     stride (8 for the DINO ViTs, 14 for DINOv2, 32 for ResNet-50). resize: short side after resizing
     (None -> crop_size; 0 -> no resize). n_classes: only for "folder" (required when it has labels).
     length: synthetic: number of scenes (default 64 for train, 16 otherwise); other sets: `length` files
@@ -444,7 +459,8 @@ def build_dataset(name, root=None, split="train", mode="train", crop_size=224, r
         raise DataError(f"five_crop_ratio must be in (0, 1], got {five_crop_ratio}")
     found = list_samples(name, root, split, n_classes, class_names, length, seed, synthetic_size)
     return SegmentationDataset(found["samples"], name, found["n_classes"], found["class_names"],
-                               found["label_map"], mode, crop_size, resize, seed, five_crop, five_crop_ratio, flip)
+                               found["label_map"], mode, crop_size, resize, seed, five_crop, five_crop_ratio,
+                               train_crop, interpolation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,7 +550,7 @@ class PredictFolder(Dataset):
     (by `check_files` before the run, and by the loader). Conversions (grayscale, RGBA...) said once.
     """
 
-    def __init__(self, folder, short_side=320, stride=8):
+    def __init__(self, folder, short_side=320, stride=8, interpolation="nearest"):
         if not Path(folder).is_dir():
             raise DataError(f"{folder}: prediction folder not found")
         if not isinstance(stride, (int, np.integer)) or stride <= 0 or not isinstance(short_side, (int, np.integer)) \
@@ -545,6 +561,7 @@ class PredictFolder(Dataset):
         self.samples = [{"name": name, "format": "png", "image": path, "label": None}
                         for name, path in zip(output_names(paths), paths)]
         self.dataset_name, self.short_side, self.stride = str(folder), short_side, stride
+        self.interpolation = interpolation
         self.said = set()
 
     def __len__(self):
@@ -571,5 +588,4 @@ class PredictFolder(Dataset):
         if problem:
             raise DataError(f"{sample['image']}: {problem}")
         size = predict_size(*image.shape[1:], self.short_side, self.stride)
-        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-        return {"image": image.clamp(0, 1), "name": sample["name"]}  # (3, H', W')
+        return {"image": resize_image(image, size, self.interpolation).clamp(0, 1), "name": sample["name"]}  # (3, H', W')

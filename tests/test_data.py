@@ -2,6 +2,7 @@
 the pre-flight check `check_files` and the prediction folder (the layouts are tests/test_layouts.py)."""
 
 import colorsys
+import math
 import time
 import warnings
 from pathlib import Path
@@ -81,21 +82,19 @@ def test_photometric_augment_properties():
     again = data.photometric_augment(images, torch.Generator().manual_seed(1))
     other = data.photometric_augment(images, torch.Generator().manual_seed(2))
     assert torch.equal(out, again) and not torch.equal(out, other)
-    # no jitter, no grayscale -> identity
-    same = data.photometric_augment(images, None, 0, 0, 0, 0, grayscale_p=0.0)
+    # no jitter, no grayscale, no blur -> identity
+    same = data.photometric_augment(images, None, 0, 0, 0, 0, grayscale_p=0.0, blur_p=0.0)
     assert torch.allclose(same, images, atol=1e-6)
     # grayscale only -> all channels equal to the luma
-    gray = data.photometric_augment(images, None, grayscale_p=1.0, jitter_p=0.0)
+    gray = data.photometric_augment(images, None, 0, 0, 0, 0, grayscale_p=1.0, blur_p=0.0)
     luma = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
     assert torch.allclose(gray, luma[:, None].expand_as(images), atol=1e-6)
     # brightness only: a per-image scalar, pixel (i, j) stays at (i, j) (identity correspondence)
     dim = images * 0.5
-    bright = data.photometric_augment(dim, torch.Generator().manual_seed(3), 0.4, 0, 0, 0, 0.0, jitter_p=1.0)
+    bright = data.photometric_augment(dim, torch.Generator().manual_seed(3), 0.4, 0, 0, 0, 0.0, blur_p=0.0)
     ratio = bright / dim
     assert torch.allclose(ratio, ratio[:, :1, :1, :1].expand_as(ratio), atol=1e-4)
     assert not torch.allclose(ratio[:, 0, 0, 0], torch.ones(6))
-    with pytest.raises(ValueError):
-        data.photometric_augment(torch.rand(3, 16, 16))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -109,39 +108,55 @@ def luma_of(pixel):
     return 0.299 * pixel[0] + 0.587 * pixel[1] + 0.114 * pixel[2]
 
 
-def photometric_reference(images, seed, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                          grayscale_p=0.2, jitter_p=0.8):
+def blur_reference(pixels, height, width, sigma, size=5):
+    """A size x size Gaussian of std sigma, normalised, reflected borders, as a double loop (one image)."""
+    weights = [math.exp(-0.5 * ((k - size // 2) / sigma) ** 2) for k in range(size)]
+    weights = [w / sum(weights) for w in weights]
+    reflect = lambda i, n: -i if i < 0 else (2 * (n - 1) - i if i >= n else i)  # noqa: E731
+    out = {}
+    for i in range(height):
+        for j in range(width):
+            out[i, j] = [sum(weights[a] * weights[b] * pixels[reflect(i + a - size // 2, height),
+                                                              reflect(j + b - size // 2, width)][c]
+                             for a in range(size) for b in range(size)) for c in range(3)]
+    return out
+
+
+def photometric_reference(images, seed, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1,
+                          grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0)):
     """Ĩ pixel by pixel in float64 with colorsys, drawing the same numbers in the documented order."""
     batch, _, height, width = images.shape
     generator = torch.Generator().manual_seed(seed)
-    draws = [torch.rand(batch, generator=generator, dtype=torch.float32).tolist() for _ in range(6)]
-    b, c, s, h, jitter_u, gray_u = draws
+    draws = [torch.rand(batch, generator=generator, dtype=torch.float32).tolist() for _ in range(7)]
+    b, c, s, h, gray_u, blur_u, sigma_u = draws
     clamp = lambda t: min(max(t, 0.0), 1.0)
     out = np.zeros((batch, 3, height, width))
     for n in range(batch):
-        pixels = {(i, j): [clamp(v) for v in images[n, :, i, j].tolist()] for i in range(height) for j in range(width)}
-        if jitter_u[n] < jitter_p:
-            f_b = (1 - brightness) + 2 * brightness * b[n]
-            pixels = {k: [clamp(f_b * v) for v in p] for k, p in pixels.items()}
-            f_c = (1 - contrast) + 2 * contrast * c[n]
-            mean = sum(luma_of(p) for p in pixels.values()) / len(pixels)
-            pixels = {k: [clamp(f_c * v + (1 - f_c) * mean) for v in p] for k, p in pixels.items()}
-            f_s = (1 - saturation) + 2 * saturation * s[n]
-            pixels = {k: [clamp(f_s * v + (1 - f_s) * luma_of(p)) for v in p] for k, p in pixels.items()}
-            shift = -hue + 2 * hue * h[n]
-            for k, p in pixels.items():
-                hh, ss, vv = colorsys.rgb_to_hsv(*p)
-                pixels[k] = [clamp(v) for v in colorsys.hsv_to_rgb((hh + shift) % 1.0, ss, vv)]
+        pixels = {(i, j): images[n, :, i, j].tolist() for i in range(height) for j in range(width)}
+        f_b = (1 - brightness) + 2 * brightness * b[n]
+        pixels = {k: [clamp(f_b * v) for v in p] for k, p in pixels.items()}
+        f_c = (1 - contrast) + 2 * contrast * c[n]
+        mean = sum(luma_of(p) for p in pixels.values()) / len(pixels)
+        pixels = {k: [clamp(f_c * v + (1 - f_c) * mean) for v in p] for k, p in pixels.items()}
+        f_s = (1 - saturation) + 2 * saturation * s[n]
+        pixels = {k: [clamp(f_s * v + (1 - f_s) * luma_of(p)) for v in p] for k, p in pixels.items()}
+        shift = -hue + 2 * hue * h[n]
+        for k, p in pixels.items():
+            hh, ss, vv = colorsys.rgb_to_hsv(*p)
+            pixels[k] = [clamp(v) for v in colorsys.hsv_to_rgb((hh + shift) % 1.0, ss, vv)]
         if gray_u[n] < grayscale_p:
             pixels = {k: [luma_of(p)] * 3 for k, p in pixels.items()}
+        if blur_u[n] < blur_p:
+            sigma = blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * sigma_u[n]
+            pixels = blur_reference(pixels, height, width, sigma)
         for (i, j), p in pixels.items():
-            out[n, :, i, j] = p
+            out[n, :, i, j] = [clamp(v) for v in p]
     return torch.from_numpy(out)
 
 
 def test_photometric_augment_against_reference_and_pasted_alone():
-    images = torch.rand(8, 3, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    for seed in range(3):  # 24 images: both branches of jitter and of grayscale occur
+    images = torch.rand(8, 3, 5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for seed in range(3):  # 24 images: both branches of grayscale and of blur occur
         out = data.photometric_augment(images, torch.Generator().manual_seed(seed))
         assert torch.allclose(out, photometric_reference(images, seed), atol=1e-6)
     pasted = paste_alone("data", "photometric_augment")  # no module constant, helpers on its needs: line
@@ -167,7 +182,7 @@ def colour_coded_folder(root, n=6):
 
 def test_train_crop_flip_aligned_and_reproducible(tmp_path):
     colour_coded_folder(tmp_path)
-    ds = build_dataset("folder", tmp_path, "train", "train", crop_size=32, resize=0, n_classes=4)
+    ds = build_dataset("folder", tmp_path, "train", "train", crop_size=32, resize=0, n_classes=4, train_crop="random")
     first = [ds[i] for i in range(len(ds))]
     for item in first:
         check_item(item, 4, 32)
@@ -178,7 +193,7 @@ def test_train_crop_flip_aligned_and_reproducible(tmp_path):
     ds.set_epoch(1)
     assert any(not torch.equal(x["image"], ds[i]["image"]) for i, x in enumerate(first))
     # flips happen (each item is flipped or not; across items and epochs both occur)
-    flat = build_dataset("folder", tmp_path, "train", "train", crop_size=48, resize=0, n_classes=4, flip=True)
+    flat = build_dataset("folder", tmp_path, "train", "train", crop_size=48, resize=0, n_classes=4, train_crop="random")
     seen = set()
     for epoch in range(4):
         flat.set_epoch(epoch)
@@ -187,6 +202,12 @@ def test_train_crop_flip_aligned_and_reproducible(tmp_path):
         window = [original[:, left:left + 48] for left in range(17)]
         seen |= {("plain" if any(np.array_equal(item["label"].numpy(), w) for w in window) else "flipped")}
     assert seen == {"plain", "flipped"}
+    # the peers' training geometry (the default): the centre crop, the same in every epoch, never flipped
+    peers = build_dataset("folder", tmp_path, "train", "train", crop_size=32, resize=0, n_classes=4)
+    centre = build_dataset("folder", tmp_path, "train", "eval", crop_size=32, resize=0, n_classes=4)
+    for epoch in range(3):
+        peers.set_epoch(epoch)
+        assert all(torch.equal(peers[i]["image"], centre[i]["image"]) for i in range(len(peers)))
 
 
 def test_eval_resize_and_centre_crop_against_reference(tmp_path):
@@ -196,11 +217,13 @@ def test_eval_resize_and_centre_crop_against_reference(tmp_path):
     # short side 48 -> 80: 80 x int(80 * 64 / 48) = 80 x 106, centre crop 64 at (8, 21);
     # labels: nearest neighbour through pixel centres (PIL NEAREST)
     raw = labels_from(range(5), 0)
-    rows = [min(int((r + 0.5) * 48 / 80), 47) for r in range(80)]
-    cols = [min(int((c + 0.5) * 64 / 106), 63) for c in range(106)]
-    expected = np.array([[raw[rows[r], cols[c]] for c in range(21, 85)] for r in range(8, 72)])
+    expected = np.asarray(Image.fromarray(raw.astype(np.uint8)).resize((106, 80), Image.NEAREST))[8:72, 21:85]
     assert np.array_equal(item["label"].numpy(), expected)
-    # image: bilinear, close to PIL's resize of the same image
+    # image: PIL NEAREST by default (as the peers' Resize), or bilinear, close to PIL's resize of the image
+    pil = np.asarray(Image.fromarray(rgb(0)).resize((106, 80), Image.NEAREST))[8:72, 21:85]
+    assert np.array_equal((item["image"].permute(1, 2, 0).numpy() * 255).round(), pil)
+    item = build_dataset("folder", tmp_path, "train", "eval", crop_size=64, resize=80, n_classes=5,
+                         interpolation="bilinear")[0]
     pil = np.asarray(Image.fromarray(rgb(0)).resize((106, 80), Image.BILINEAR))[8:72, 21:85] / 255.0
     assert np.abs(item["image"].permute(1, 2, 0).numpy() - pil).mean() < 0.02
 
@@ -217,13 +240,23 @@ def test_five_crop(tmp_path):
         assert item["name"].startswith("1_")
         assert np.array_equal(item["label"].numpy(), original[top:top + 24, left + 4:left + 28])
 
+def test_nearest_resizing_is_pils_pixel_for_pixel():
+    generator = np.random.default_rng(0)
+    for _ in range(40):
+        h, w, out_h, out_w = (int(v) for v in generator.integers(2, 300, 4))
+        image = generator.integers(0, 255, (h, w), dtype=np.uint8)
+        pil = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.NEAREST))
+        assert np.array_equal(data.resize_image(torch.from_numpy(image), (out_h, out_w)).numpy(), pil)
+
+
 def test_protocol_steps_pasted_alone(tmp_path):
     image, label = torch.rand(3, 30, 50), torch.randint(0, 5, (30, 50))
     for which in range(5):
         pasted = paste_alone("data", "five_crop_one")(image, label, which, 0.5)
         assert all(torch.equal(a, b) for a, b in zip(pasted, data.five_crop_one(image, label, which, 0.5)))
-    pasted = paste_alone("data", "resize_short_side")(image, label, 40)
-    assert all(torch.equal(a, b) for a, b in zip(pasted, data.resize_short_side(image, label, 40)))
+    for how in ("nearest", "bilinear"):
+        pasted = paste_alone("data", "resize_short_side")(image, label, 40, how)
+        assert all(torch.equal(a, b) for a, b in zip(pasted, data.resize_short_side(image, label, 40, how)))
     assert pasted[0].shape == (3, 40, 66) and pasted[1].shape == (40, 66)  # int(40 * 50 / 30) = 66
     assert paste_alone("data", "predict_size")(300, 451, 320, 14) == data.predict_size(300, 451, 320, 14)
     assert paste_alone("data", "evenly_spaced")(list(range(9)), 4) == data.evenly_spaced(list(range(9)), 4)
