@@ -120,7 +120,7 @@ def parse_args(argv=None):
                    "(below 1: the prediction keeps F^seg's scale)")
     e.add_argument("--eval-align", choices=["likelihood", "soft", "hard"], default="likelihood",
                    help="--eval-alpha's cluster correspondence: F^l by how typical a colour is of each cluster "
-                        "(with --eval-alpha 0.25 the CRF still gained after fusion on CamVid, README), as --align "
+                        "(with --eval-alpha 0.25 the CRF still gained after fusion on CamVid, docs/results-camvid.md), as --align "
                         "soft, or a permutation")
     e.add_argument("--eval-batch-size", type=int, default=8, help="images per evaluation batch")
     e.add_argument("--no-crf", action="store_true", help="skip the dense CRF")

@@ -17,7 +17,7 @@ Two implementations with the same signature: `dense_crf_exact` sums the kernels 
 pairs in chunks (O(N^2), a reference for small images); `dense_crf` filters the smoothness kernel
 with a separable convolution truncated at 4 sigma (a lattice above 4 px) and the appearance kernel
 with a vectorised permutohedral lattice (Adams, Baek & Davis 2010) built as the reference C++ builds
-it, so it has the reference's approximation. How close they are and how fast: docs/notes-crf.md.
+it, so it has the reference's approximation. How close they are: docs/evaluation.md; how fast: docs/speed.md.
 
 Every public function pastes alone (math, torch and F imported, plus the functions on its "needs:"
 line); the limits are keyword arguments.

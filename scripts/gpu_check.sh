@@ -3,7 +3,7 @@
 # torch.compile of the low-level branch; SKIP below shortens a rerun):
 #   env.txt      the GPU, driver, torch and CUDA versions
 #   pytest.txt   the tests that need CUDA or torch.compile (they skip without a GPU), then the whole suite
-#   bench.txt    bench.py: our ViT-S/8 beside timm's, the low-level branch (eager and torch.compile), one
+#   bench.txt    scripts/bench.py: our ViT-S/8 beside timm's, the low-level branch (eager and torch.compile), one
 #                training step split into its parts, the dense CRF, k-means; then a profile of one step
 #   parity.txt   scripts/timm_parity.py: every backbone against timm with the same random weights, float32
 #   train.txt    the default `python il2vseg.py --train` (synthetic, random weights) with its img/s, and the
@@ -27,7 +27,7 @@ PY=${PYTHON:-python3}
 { timeout 200 $PY -m pytest -q -p no:cacheprovider -rs -k "cuda or compile" tests; echo "exit $?"; } > "$OUT/pytest.txt" 2>&1
 
 CAMVID=${CAMVID:-gpu_data}  # a folder with a 480x360 CamVid frame for the CRF rows, if there is one
-{ timeout 200 $PY bench.py --profile $([ -d "$CAMVID" ] && echo --camvid "$CAMVID"); echo "exit $?"; } > "$OUT/bench.txt" 2>&1
+{ timeout 200 $PY scripts/bench.py --profile $([ -d "$CAMVID" ] && echo --camvid "$CAMVID"); echo "exit $?"; } > "$OUT/bench.txt" 2>&1
 
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
 skip parity || { timeout 90 $PY scripts/timm_parity.py; echo "exit $?"; } > "$OUT/parity.txt" 2>&1

@@ -162,7 +162,7 @@ def synthetic_scene(H=30, W=40, seed=0, noise=4.0):
     """A uint8 image (3, H, W) of 4 coloured regions with colour noise and its label map (H, W).
 
     With colour noise well above srgb (3) the lattice and the exact kernel differ more
-    (docs/notes-crf.md).
+    (docs/evaluation.md).
     """
     g = torch.Generator().manual_seed(seed)
     ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
