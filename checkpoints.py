@@ -84,16 +84,11 @@ def non_finite_entries(state):
     return bad
 
 
-def save_checkpoint(state, path):
-    """Write `state` to `path` atomically (see the module docstring). Returns the number of bytes."""
+def write_atomic(path, payload):
+    """Write bytes to `path` atomically: a uniquely named temporary file in the same folder, fsync'ed,
+    then renamed over `path`. A run killed at any moment leaves the old file or the new one; a full disk
+    is one CheckpointError line naming the file, and the temporary file is removed."""
     path = Path(path)
-    bad = non_finite_entries(state)
-    if bad:
-        diverged = f"step {state['step']}: the weights diverged; " if "step" in state else ""
-        raise FloatingPointError(f"{diverged}not writing {path}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})")
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getbuffer()
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +104,28 @@ def save_checkpoint(state, path):
     finally:  # whatever stopped the write (a full disk, Ctrl-C), no temporary file stays behind
         tmp.unlink(missing_ok=True)
     return len(payload)
+
+
+def save_atomic(value, path):
+    """torch.save(value) to `path` through write_atomic."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return write_atomic(path, buffer.getbuffer())
+
+
+def write_text_atomic(path, text):
+    """A text file (metrics.json, a table) through write_atomic."""
+    return write_atomic(path, text.encode())
+
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` atomically (see the module docstring). Returns the number of bytes."""
+    path = Path(path)
+    bad = non_finite_entries(state)
+    if bad:
+        diverged = f"step {state['step']}: the weights diverged; " if "step" in state else ""
+        raise FloatingPointError(f"{diverged}not writing {path}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})")
+    return save_atomic(state, path)
 
 
 def load_checkpoint(path):
@@ -170,14 +187,16 @@ def check_resume(state, cfg, path, keys):
 RESUME_MUST_MATCH = ("data", "data_root", "train_split", "arch", "weights", "dim", "dropout", "batch_size", "crop",
                      "seed", "five_crop", "train_crop", "resize", "alpha", "beta", "gamma", "use_smo", "use_fs", "use_reg", "use_corr",
                      "lr_head", "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius",
-                     "fusion_in", "align", "smooth_temperature")
+                     "fusion_in", "align", "smooth_temperature", "knn", "use_aug", "shifts", "fs_reading")
 
 
 def training_state(model, optimiser, step, generator, cfg):
     """What a checkpoint holds: the step, the model, Adam, every random state and the run's settings."""
     return {"step": step, "model": model.state_dict(), "optimiser": optimiser.state_dict(),
             "rng": rng_state(generator), "n_clusters": model.local_centres.shape[0],
-            "config": {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+            "config": {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None)))},
+            "shifts": {"close": cfg.shift_close, "far": cfg.shift_far, "corr": dict(cfg.corr_shifts),
+                       "corr_weights": dict(cfg.corr_weights)}}
 
 
 def fresh_start(cfg):
@@ -187,8 +206,9 @@ def fresh_start(cfg):
 
 
 def resume(cfg, model, optimiser, generator, log=print):
-    """--resume: model, Adam and every random state from OUT/checkpoint.pt (or --resume PATH), after
-    checking that the run's settings match; returns the step to continue from."""
+    """--resume: model, Adam, every random state and the loss shifts the run settled on (pairs.settle_shifts)
+    from OUT/checkpoint.pt (or --resume PATH), after checking that the run's settings match; returns the
+    step to continue from."""
     path = Path(cfg.resume) if isinstance(cfg.resume, str) else Path(cfg.out) / "checkpoint.pt"
     state = load_checkpoint(path)
     check_resume(state, cfg, path, RESUME_MUST_MATCH)
@@ -196,6 +216,10 @@ def resume(cfg, model, optimiser, generator, log=print):
     restore(optimiser, state["optimiser"], path)
     use_own_implementation(optimiser)
     set_rng_state(state["rng"], generator, log)
+    if "shifts" in state:  # checkpoints written before the shifts were settled per run keep the table's
+        shifts = state["shifts"]
+        cfg.shift_close, cfg.shift_far, cfg.corr_shifts, cfg.corr_weights = (
+            shifts["close"], shifts["far"], dict(shifts["corr"]), dict(shifts["corr_weights"]))
     log(f"resumed from {path} at step {state['step']}")
     if state["step"] >= cfg.steps:
         log(f"nothing to train: the checkpoint is at step {state['step']} >= --steps {cfg.steps}")

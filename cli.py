@@ -50,6 +50,9 @@ def parse_args(argv=None):
     a.add_argument("--predict", metavar="FOLDER", default=None, help="write a colour mask and overlay for every image in FOLDER")
     a.add_argument("--ablation", choices=["alpha", "loss"], default=None,
                    help="train + evaluate once per setting of Figure 5 (alpha) or Table 4 (loss) and print the table")
+    a.add_argument("--calibrate", action="store_true",
+                   help="measure the loss shifts from the backbone on training images, write OUT/calibration.json "
+                        "and .png, and stop (pairs.py)")
     a.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue training from OUT/checkpoint.pt (or PATH) with its optimiser, EMA and RNG state")
     a.add_argument("--overwrite", action="store_true", help="let --train replace a checkpoint already in --out")
@@ -92,9 +95,22 @@ def parse_args(argv=None):
     for term, what in (("smo", "L_smo (and the data term)"), ("fs", "L_fs"), ("reg", "L_reg"), ("corr", "L_corr")):
         t.add_argument(f"--no-{term}", dest=f"use_{term}", action="store_false", help=f"switch off {what}")
     t.add_argument("--smooth-temperature", type=float, default=0.1, help="P = softmax(F_seg / T) in L_smo")
+    t.add_argument("--knn", type=int, default=7, help="STEGO's nearest-neighbour term of L_corr: pair each image "
+                   "with one of its K nearest training images (0: off)")
+    t.add_argument("--no-aug", dest="use_aug", action="store_false",
+                   help="switch off the paper's L_corr term between an image and its jittered copy")
+    t.add_argument("--shifts", choices=["auto", "published", "calibrate"], default="auto",
+                   help="the shifts of L_smo and L_corr: the peers' where they tuned this data set and backbone, "
+                        "measured from the backbone elsewhere (auto); the peers' table always; or measured always")
+    t.add_argument("--calibrate-images", type=int, default=256, help="training images the shifts are measured on")
     t.add_argument("--fcm-m", type=float, default=2.0, help="FCM fuzzification index m, eqs (3)-(7)")
     t.add_argument("--fcm-sigma", type=float, default=0.1, help="sigma of the colour affinity, eq (10), RGB in [0, 1]")
     t.add_argument("--fcm-iters", type=int, default=20, help="FCM iteration cap")
+    t.add_argument("--fs-reading", choices=["laplacian", "correlation"], default="laplacian",
+                   help="eq (14)'s L_fs: a normalised graph Laplacian of F^f over W, or W against F^f's Gram matrix "
+                        "as STEGO's loss is built (losses.py)")
+    t.add_argument("--verbose", action="store_true",
+                   help="also print, every --log-every steps, the gradient each weighted term of eq (15) sends to the head")
     t.add_argument("--fusion-in", choices=["fs", "all"], default="fs",
                    help="F^f of eq (13) feeds eq (14) only (fs), or also L_smo and the data term (all)")
     t.add_argument("--align", choices=["soft", "hard"], default="soft",
@@ -158,7 +174,7 @@ LIMITS = {"steps": (1, 10**8), "batch_size": (1, 4096), "crop": (1, 8192), "eval
           "save_every": (1, 10**8), "log_every": (1, 10**8), "dim": (1, 4096), "eval_batch_size": (1, 4096),
           "fcm_iters": (1, 10000), "num_workers": (0, 256), "save_images": (0, 10**6), "n_classes": (1, 255),
           "eval_images": (1, 10**8), "probe_images": (1, 10**8), "kmeans_restarts": (1, 1000),
-          "kmeans_seeds": (1, 1000), "radius": (1, 64), "seed": (0, 2**31 - 1), "alpha": (0.0, 1.0),
+          "kmeans_seeds": (1, 1000), "radius": (1, 64), "knn": (0, 1000), "calibrate_images": (2, 10**6), "seed": (0, 2**31 - 1), "alpha": (0.0, 1.0),
           "eval_alpha": (0.0, 0.99), "dropout": (0.0, 1.0), "beta": (0.0, 1e6), "gamma": (0.0, 1e6)}
 POSITIVE = ("lr_head", "lr_centres", "smooth_temperature", "fcm_sigma")  # finite and > 0
 
@@ -229,8 +245,8 @@ def settle(cfg):
     """The run's device and every default that depends on it, the data set and the backbone; every flag
     checked (one line for the first that is wrong)."""
     cfg.train = cfg.train or bool(cfg.resume)
-    if not (cfg.train or cfg.eval or cfg.predict or cfg.ablation):
-        raise UsageError("nothing to do: pass --train, --eval, --predict FOLDER or --ablation (see --help)")
+    if not (cfg.train or cfg.eval or cfg.predict or cfg.ablation or cfg.calibrate):
+        raise UsageError("nothing to do: pass --train, --eval, --predict FOLDER, --ablation or --calibrate (see --help)")
     device = pick_device(cfg.device)
     resolve_defaults(cfg, device)
     return device
@@ -252,7 +268,7 @@ def build_datasets(cfg):
     common = dict(n_classes=cfg.n_classes, seed=cfg.seed, stride=backbones.ARCHS[cfg.arch]["stride"],
                   interpolation=cfg.resize)
     train_set = val_set = fit_set = None
-    if cfg.train or cfg.ablation:
+    if cfg.train or cfg.ablation or cfg.calibrate:
         train_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.train_split, mode="train",
                                        crop_size=cfg.crop, five_crop=cfg.five_crop, train_crop=cfg.train_crop, **common)
     if cfg.train or cfg.eval or cfg.ablation:
@@ -270,6 +286,9 @@ def build_datasets(cfg):
     if train_set is not None and len(train_set) < cfg.batch_size:
         raise ValueError(f"the {cfg.train_split} split has {len(train_set)} images, fewer than --batch-size "
                          f"{cfg.batch_size}")
+    if train_set is not None and cfg.knn >= len(train_set):
+        raise ValueError(f"--knn {cfg.knn} needs more than {cfg.knn} training images, the {cfg.train_split} split "
+                         f"has {len(train_set)}: use a smaller --knn (0 switches the term off)")
     predict_set = data.PredictFolder(cfg.predict, cfg.eval_crop, common["stride"], cfg.resize) if cfg.predict else None
     problems = []
     for dataset in (train_set, val_set, fit_set, predict_set):

@@ -232,6 +232,7 @@ def evaluate(code_fn, score_fn, loader, n_classes, probes, device="cpu", use_crf
             seen += images.shape[0]
     return {
         "probes": {name: {"before_crf": scores(before), "after_crf": scores(after) if use_crf else None,
+                          "clusters_used": int((before.sum(dim=0) > 0).sum()),  # of K, on the labelled pixels
                           "raw_confusion_before": before.cpu().tolist(),
                           "raw_confusion_after": after.cpu().tolist() if use_crf else None}
                    for name, (before, after) in confusion.items()},
@@ -254,7 +255,7 @@ def spread(result, names):
     return summary
 
 
-def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu", log=print):
+def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu", log=print, training=None):
     """The default protocol (module docstring) with the command line's settings; returns evaluate()'s
     result (None for a split without labels) and writes OUT/metrics.json and OUT/side_by_side/.
 
@@ -262,7 +263,8 @@ def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu",
     fit on the codes of `fit` (training images in evaluation geometry), or of `val` with --kmeans-fit val.
     cfg: probe, kmeans_fit, kmeans_restarts, kmeans_seeds, seed, flip_tta, no_crf, eval_batch_size,
     num_workers, save_images, out (and names for the log). --kmeans-seeds S > 1 adds probes
-    "kmeans seed N" and their spread (in metrics.json; the table shows "kmeans" and "centres")."""
+    "kmeans seed N" and their spread (in metrics.json; the table shows "kmeans" and "centres"). training: the
+    training run's summary, kept in metrics.json."""
     _, val_set, fit_set = datasets
     if not val_set.has_labels:
         log(f"evaluation skipped: the {cfg.val_split} split has no labels (use --predict FOLDER to see the segmentation)")
@@ -301,7 +303,7 @@ def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu",
                                                          "probe_images", "kmeans_restarts", "kmeans_seeds", "seed",
                                                          "eval_alpha", "eval_align", "flip_tta", "no_crf", "eval_crop")}
     settings["n_fit_images"] = len(val_set if cfg.kmeans_fit == "val" else fit_set) if "kmeans" in probes else 0
-    results.write_metrics(cfg.out, result, settings)
+    results.write_metrics(cfg.out, {**result, "training": training} if training else result, settings)
     results.save_pictures(cfg.out, shown)
     return result
 

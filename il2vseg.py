@@ -33,6 +33,7 @@ import data
 import evaluate
 import fcm
 import losses
+import pairs
 import results
 
 # --------------------------------------------------------------------------------------------
@@ -146,8 +147,9 @@ def low_level_branch(cfg, n_clusters, stride):
                              patch=stride, affinity=cfg.affinity, radius=cfg.radius, max_iter=cfg.fcm_iters)
 
 
-def loss_terms(backbone, model, images, cfg, generator, low_level=None):
-    """Eq (15) for one batch -> (total, {term: scalar}). images (B, 3, H, W) in [0, 1].
+def loss_terms(backbone, model, images, cfg, generator, low_level=None, partners=None):
+    """Eq (15) for one batch -> (total, {term: scalar}, F^seg detached). images (B, 3, H, W) in [0, 1];
+    partners (B, 3, H, W) each image's nearest-neighbour image (STEGO's positive; None: no such term).
 
     `generator` draws I~, then the negatives, then the sampled points; `low_level` computes F^l (default:
     low_level_branch). A term switched off (--no-smo, ...) is 0. SmooSeg's data term goes with L_smo: it is
@@ -156,10 +158,11 @@ def loss_terms(backbone, model, images, cfg, generator, low_level=None):
     B, K = images.shape[0], model.local_centres.shape[0]
     f_low = (low_level or low_level_branch(cfg, K, backbone.stride))(images)  # eqs (1), (3)-(12): F^l (B, K, h, w)
     augmented = data.photometric_augment(images, generator=generator)         # I~: colour / luminosity jitter
-    feats, feats_aug = backbones.features(backbone, torch.cat([images, augmented])).split(B)  # F^p (B, C1, h, w)
+    views = [images, augmented] + ([partners] if partners is not None else [])
+    feats_all = backbones.features(backbone, torch.cat(views))                 # F^p of I, I~ (and kNN) (nB, C1, h, w)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-        codes_both = model(torch.cat([feats, feats_aug])).float()              # F^c of I and I~; losses in float32
-    codes, codes_aug = codes_both.split(B)                                     # (B, D, h, w) each
+        codes_all = model(feats_all).float()                                   # F^c; the losses compute in float32
+    (feats, feats_aug, *feats_knn), (codes, codes_aug, *codes_knn) = feats_all.split(B), codes_all.split(B)
 
     f_seg = cosine_to_centres(codes, model.global_centres)                     # eq (2): the head learns here
     if cfg.alpha > 0:
@@ -176,15 +179,19 @@ def loss_terms(backbone, model, images, cfg, generator, low_level=None):
         smo = losses.smoothness_loss(feats, probs, cfg.shift_close, cfg.shift_far, perm=perm)
         data_term = losses.data_loss(inner_local, scores)                     # SmooSeg's data term
     if cfg.use_corr:
-        corr = losses.correspondence_terms(feats, codes, feats_aug, codes_aug, shifts=cfg.corr_shifts,
-                                           weights=cfg.corr_weights, generator=generator)["corr"]  # I: itself, I~, others
+        pair = {"aug": (feats_aug, codes_aug)} if cfg.use_aug else {}          # the paper's I with I~
+        if partners is not None:
+            pair["knn"] = (feats_knn[0], codes_knn[0])                         # STEGO's I with a nearest neighbour
+        corr = losses.correspondence_terms(feats, codes, pair, shifts=cfg.corr_shifts, weights=cfg.corr_weights,
+                                           generator=generator)["corr"]        # + I with itself, with other images
     if cfg.use_fs or cfg.use_reg:
         small = fcm.downsample(images, size=tuple(f_low.shape[2:]))           # eq (1): colours on the grid
-        fs, reg = losses.feature_similarity_losses(codes, f_fused, small)     # eq (14)
+        eq14 = losses.feature_correlation_losses if cfg.fs_reading == "correlation" else losses.feature_similarity_losses
+        fs, reg = eq14(codes, f_fused, small)                                 # eq (14)
         fs, reg = (fs if cfg.use_fs else zero), (reg if cfg.use_reg else zero)
 
     total = cfg.beta * reg + cfg.gamma * fs + smo + corr + data_term          # eq (15), + SmooSeg's data term
-    return total, {"smo": smo, "data": data_term, "fs": fs, "reg": reg, "corr": corr}
+    return total, {"smo": smo, "data": data_term, "fs": fs, "reg": reg, "corr": corr}, f_seg.detach()
 
 
 def loss_values(total, terms, step):
@@ -199,6 +206,27 @@ def loss_values(total, terms, step):
     return values
 
 
+def cluster_usage(f_seg):
+    """How the batch's pixels spread over the K clusters of F^seg (B, K, h, w): the perplexity of their
+    argmax shares (K when balanced, 1 when one cluster holds every pixel) and the largest share."""
+    shares = torch.bincount(f_seg.argmax(dim=1).flatten(), minlength=f_seg.shape[1]).float() / f_seg[:, 0].numel()
+    entropy = -(shares * shares.clamp_min(1e-12).log()).sum()
+    return {"perplexity": float(entropy.exp()), "largest": float(shares.max())}
+
+
+def head_gradients(model, total, terms, cfg):
+    """--verbose: the norm of the gradient each weighted term of eq (15) sends to the head (the data term
+    trains only the local centres, so it sends none)."""
+    weighted = {"smo": terms["smo"], "data": terms["data"], "corr": terms["corr"],
+                "fs": cfg.gamma * terms["fs"], "reg": cfg.beta * terms["reg"], "total": total}
+    params = list(model.head.parameters())
+    norms = {}
+    for name, value in weighted.items():
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True) if value.requires_grad else []
+        norms[name] = sum(float(g.float().square().sum()) for g in grads if g is not None) ** 0.5
+    return norms
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
@@ -207,7 +235,7 @@ class Batches:
     """Index lists of the steps start .. n_steps - 1 (a DataLoader batch_sampler), computed lazily.
 
     Each epoch is a fresh permutation seeded by (seed, epoch), so the order depends on (seed, step)
-    alone and a resumed run sees exactly the batches of an uninterrupted one. Items are (epoch, index).
+    alone and a resumed run sees exactly the batches of an uninterrupted one. Items are (epoch, step, index).
     """
 
     def __init__(self, n_items, batch_size, seed, start, n_steps):
@@ -222,23 +250,27 @@ class Batches:
             epoch, position = divmod(step, per_epoch)
             if position == 0 or order is None:
                 order = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            yield [(epoch, int(i)) for i in order[position * self.batch_size:(position + 1) * self.batch_size]]
+            yield [(epoch, step, int(i)) for i in order[position * self.batch_size:(position + 1) * self.batch_size]]
 
 
 class EpochItems(torch.utils.data.Dataset):
-    """dataset[(epoch, index)]: the item as drawn in that epoch (data.py seeds crops and flips by
-    (seed, epoch, index)), also inside DataLoader worker processes."""
+    """dataset[(epoch, step, index)]: the item as drawn in that epoch (data.py seeds a random crop by (seed,
+    epoch, index)), with "partner", the image of its nearest neighbour drawn for that step (pairs.py), when
+    `neighbours` (N, k) is given. Works inside DataLoader worker processes too."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, neighbours=None, seed=0):
+        self.dataset, self.neighbours, self.seed = dataset, neighbours, seed
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        epoch, index = key
+        epoch, step, index = key
         self.dataset.set_epoch(epoch)
-        return self.dataset[index]
+        item = self.dataset[index]
+        if self.neighbours is not None:
+            item["partner"] = self.dataset[pairs.partner_of(self.neighbours, self.seed, step, index)]["image"]
+        return item
 
 
 def make_optimiser(model, cfg):
@@ -258,28 +290,46 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
     path = Path(cfg.out) / "checkpoint.pt"
     optimiser = make_optimiser(model, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    start = checkpoints.resume(cfg, model, optimiser, generator, log) if cfg.resume else checkpoints.fresh_start(cfg)
+    neighbours = pairs.neighbours_for_run(cfg, backbone, dataset, device, log) if cfg.knn and cfg.use_corr else None
+    if cfg.resume:  # the run's shifts come back with the checkpoint
+        start = checkpoints.resume(cfg, model, optimiser, generator, log)
+    else:
+        pairs.settle_shifts(cfg, backbone, dataset, neighbours, device, log)
+        start = checkpoints.fresh_start(cfg)
     progress.update({"saved": start} if start else {})
-    loader = torch.utils.data.DataLoader(EpochItems(dataset), num_workers=cfg.num_workers,
+    loader = torch.utils.data.DataLoader(EpochItems(dataset, neighbours, cfg.seed), num_workers=cfg.num_workers,
                                          batch_sampler=Batches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps),
                                          pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     low_level = low_level_branch(cfg, model.local_centres.shape[0], backbone.stride)
     if cfg.compile and device.type == "cuda":
         low_level = compiled_with_fallback(low_level, log)
     model.train()
-    history, started = [], time.time()
+    history, started, collapsed = [], time.time(), 0
     for step, batch in enumerate(loader, start + 1):
         images = batch["image"].to(device, non_blocking=True)                   # (B, 3, H, W) in [0, 1]
-        total, terms = loss_terms(backbone, model, images, cfg, generator, low_level)
-        values = loss_values(total, terms, step)
+        partners = batch["partner"].to(device, non_blocking=True) if "partner" in batch else None
+        total, terms, f_seg = loss_terms(backbone, model, images, cfg, generator, low_level, partners)
+        values = {**loss_values(total, terms, step), **cluster_usage(f_seg)}
+        logged = step % cfg.log_every == 0 or step == cfg.steps or step == start + 1
+        if cfg.verbose and logged:
+            values["grad"] = head_gradients(model, total, terms, cfg)
         optimiser.zero_grad(set_to_none=True)
         total.backward()
         optimiser.step()
         ema_update(model.global_centres, model.local_centres, cfg.ema)
         history.append(values)
-        if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
+        collapsed = collapsed + 1 if values["largest"] > 0.9 else 0
+        if collapsed == 20:  # once per collapse: one cluster above 90 % of the pixels for 20 steps in a row
+            log(f"WARNING: step {step}: the clusters collapse: one of the {model.local_centres.shape[0]} holds "
+                f"{values['largest']:.0%} of the batch's pixels for 20 steps in a row (perplexity "
+                f"{values['perplexity']:.1f}); the loss shifts may not fit this backbone: try --shifts calibrate")
+        if logged:
             rate = (step - start) * cfg.batch_size / max(time.time() - started, 1e-9)
-            log(f"step {step}/{cfg.steps} | " + " ".join(f"{k} {v:+.4f}" for k, v in values.items()) + f" | {rate:.1f} img/s")
+            log(f"step {step}/{cfg.steps} | " + " ".join(f"{k} {values[k]:+.4f}" for k in (*terms, "total"))
+                + f" | clusters: perplexity {values['perplexity']:.1f}, largest {values['largest']:.0%}"
+                + f" | {rate:.1f} img/s")
+            if "grad" in values:
+                log("  gradient on the head: " + " ".join(f"{k} {v:.4f}" for k, v in values["grad"].items()))
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoints.save_checkpoint(checkpoints.training_state(model, optimiser, step, generator, cfg), path)
             progress["saved"] = step
@@ -337,11 +387,11 @@ def make_score_fn(cfg, n_clusters, stride):
     return score_fn
 
 
-def run_evaluation(backbone, model, cfg, device, datasets, log=print):
+def run_evaluation(backbone, model, cfg, device, datasets, log=print, training=None):
     """evaluate.run_protocol for this model: its codes, its global centres as the "centres" probe."""
     score_fn = make_score_fn(cfg, model.global_centres.shape[0], backbone.stride)
     return evaluate.run_protocol(make_code_fn(backbone, model), score_fn, model.global_centres, datasets, cfg,
-                                 device, log)
+                                 device, log, training)
 
 
 def predict_folder(backbone, model, cfg, device, images, out_dir, log=print):
@@ -363,8 +413,17 @@ def train_and_evaluate(cfg, backbone, device, datasets, log=print, progress=None
     model = build_model(cfg, backbone, datasets[0].n_classes, device)
     log(f"training on {len(datasets[0])} {cfg.data} images: {cfg.steps} steps, batch {cfg.batch_size}, crop "
         f"{cfg.crop}, alpha {cfg.alpha}, beta {cfg.beta}, gamma {cfg.gamma}, device {device}")
-    train(backbone, model, datasets[0], cfg, device, log, progress)
-    return model, run_evaluation(backbone, model, cfg, device, datasets, log)
+    history = train(backbone, model, datasets[0], cfg, device, log, progress)
+    return model, run_evaluation(backbone, model, cfg, device, datasets, log, training_summary(history))
+
+
+def training_summary(history):
+    """metrics.json's "training": the last step's loss terms and cluster usage, and how many steps one
+    cluster held more than 90 % of the batch's pixels."""
+    if not history:
+        return None
+    last = {k: v for k, v in history[-1].items() if k != "grad"}
+    return {"steps_run": len(history), "last": last, "collapsed_steps": sum(v["largest"] > 0.9 for v in history)}
 
 
 def run_ablation(cfg, backbone, device, datasets, log=print):
@@ -394,6 +453,9 @@ def run(cfg, progress):
     trained = None if cfg.train or cfg.ablation else cli.trained_checkpoint(cfg, datasets)
     with cli.output_folder(cfg):                                 # writable, locked, nothing overwritten
         backbone = backbones.load_backbone(cfg.arch, cfg.weights, seed=cfg.seed).to(device)
+        if cfg.calibrate:
+            neighbours = pairs.neighbours_for_run(cfg, backbone, datasets[0], device) if cfg.knn else None
+            return pairs.calibrate(cfg, backbone, datasets[0], neighbours, device)
         if cfg.ablation:
             return run_ablation(cfg, backbone, device, datasets)
         if cfg.train:

@@ -6,7 +6,8 @@ The paper gives no formula for the four terms; this file writes each one down:
 - L_smo : SmooSeg's smoothness loss (Lan et al. 2024), `smoothness_loss`, with SmooSeg's data term
           `data_loss` (SmooSeg's energy is data + smoothness; it trains the local centres).
 - L_corr: STEGO's correspondence loss (Hamilton et al. 2022), `correspondence_loss`, of an image
-          with itself, its jittered copy Ĩ and other images: `correspondence_terms`.
+          with itself, a nearest-neighbour image (STEGO), its jittered copy Ĩ (the paper) and other
+          images: `correspondence_terms`.
 - L_fs, L_reg: eq (14), our reading, `feature_similarity_losses`.
 The peers' constants: `loss_constants`. Eq (15) itself is written in il2vseg.loss_terms.
 
@@ -24,66 +25,41 @@ import torch.nn.functional as F
 # ------------------------------------------------------------------------------------------------
 
 def loss_constants(dataset, arch="vits8"):
-    """The peers' tuned loss constants for a data set name and a backbone name.
+    """The peers' tuned loss constants for a data set and a backbone, and whether they were tuned for
+    exactly this pair (then `published` says so per loss; pairs.py measures the others).
 
-    dataset: e.g. "cityscapes", "cocostuff27", "potsdam", "mastr1325", "camvid", "folder".
-        Matched by prefix ("cocostuff27" -> "cocostuff", any "coco..." -> "cocostuff"); a data set
-        no peer tuned on gets the "default" entry (see below).
-    arch: the backbone. Every ViT / DINOv2 name ("vits8", "vitb8", "dinov2_vits14", ...) gets
-        STEGO's ViT constants; "resnet50-mocov2" gets STEGO's MoCo v2 ResNet-50 constants.
-    Returns {"stego_weights": {...}, "stego_shifts": {...}, "smooseg_shifts": {...},
-             "smooseg_temperature": 0.1}, fresh dicts the caller may change.
+    SmooSeg (train_config.yaml): b_close and b_far of the smoothness loss. STEGO (train_config.yml):
+    weights and shifts of its correspondence terms, "pos_intra" (image with itself), "pos_inter" (with a
+    nearest-neighbour image), "neg_inter" (with other images). "aug", the paper's pair of an image with
+    its jittered copy, has no published constants: it takes pos_intra's (docs/choices.md). A pair no
+    peer tuned gets the same data set's constants for another backbone, else COCO-Stuff's ViT-S/8 ones.
+    Returns fresh dicts {"smooseg_shifts", "stego_weights", "stego_shifts", "published"}.
     """
-    # STEGO's correspondence loss, its ViT-S/8 configurations. Keys: "pos_intra" = image with
-    # itself, "pos_inter" = image with a positive partner (here: its photometric copy Ĩ),
-    # "neg_inter" = image with other images of the batch.
-    stego_weights = {
-        "cocostuff": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
-        "cityscapes": {"pos_intra": 1.0, "pos_inter": 0.577, "neg_inter": 0.906},
-        "potsdam": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
-        # Any other data set (MaSTr1325, CamVid, your own folder): no peer tuned one, so we fall
-        # back to the COCO-Stuff values, the most varied natural-image set the peers tuned on.
-        "default": {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63},
-    }
-    stego_shifts = {
-        "cocostuff": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.66},
-        "cityscapes": {"pos_intra": 0.458, "pos_inter": 0.175, "neg_inter": 0.314},
-        "potsdam": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.46},
-        "default": {"pos_intra": 0.08, "pos_inter": 0.02, "neg_inter": 0.66},
-    }
-    # STEGO's COCO-Stuff configuration for MoCo v2 ResNet-50. STEGO published MoCo constants for
-    # COCO-Stuff only, so they are used for every data set with this backbone.
-    moco_weights = {"pos_intra": 0.67, "pos_inter": 0.25, "neg_inter": 0.63}
-    moco_shifts = {"pos_intra": 0.32, "pos_inter": 0.36, "neg_inter": 0.26}
-    # SmooSeg's smoothness loss: "close" = b_close (image with itself), "far" = b_far (image with
-    # another). The Potsdam values were tuned by SmooSeg for a ViT-B/8 backbone (no ViT-S/8 values
-    # are published); the anchors hold no ResNet-50 values, so these serve every backbone.
-    smooseg_shifts = {
-        "cocostuff": {"close": -0.02, "far": 0.48},
-        "cityscapes": {"close": -0.02, "far": 0.5},
-        "potsdam": {"close": 0.1, "far": 0.5},
-        "default": {"close": -0.02, "far": 0.48},
-    }
-    # SmooSeg's temperature of the cluster probabilities of the smoothness loss:
-    # probs = softmax(inner_global / 0.1) over the clusters (computed by the caller).
-    smooseg_temperature = 0.1
+    smooseg = {  # (data set, arch): (b_close, b_far)
+        ("cityscapes", "vits8"): (-0.02, 0.5), ("cocostuff", "vits8"): (-0.02, 0.48),
+        ("potsdam", "vitb8"): (0.1, 0.5), ("potsdam", "dinov2-vitb14"): (0.32, 0.5)}
+    stego = {  # (data set, arch): (weights, shifts), each (pos_intra, pos_inter, neg_inter)
+        ("cocostuff", "vits8"): ((0.67, 0.25, 0.63), (0.08, 0.02, 0.66)),
+        ("potsdam", "vits8"): ((0.67, 0.25, 0.63), (0.08, 0.02, 0.46)),
+        ("cityscapes", "vitb8"): ((1.0, 0.577, 0.906), (0.458, 0.175, 0.314)),  # STEGO's released ViT-B/8 model
+        ("cocostuff", "resnet50-mocov2"): ((0.67, 0.25, 0.63), (0.32, 0.36, 0.26))}
 
-    name, backbone = str(dataset).lower(), str(arch).lower()
-    key = "default"
-    for known in ("cityscapes", "cocostuff", "potsdam"):
-        if name.startswith(known):
-            key = known
-    if key == "default" and name.startswith("coco"):
-        key = "cocostuff"
-    if backbone == "resnet50-mocov2":
-        weights, shifts = moco_weights, moco_shifts
-    elif backbone.startswith(("vit", "dinov2")):
-        weights, shifts = stego_weights[key], stego_shifts[key]
-    else:
-        raise ValueError(f"loss_constants: unknown arch '{arch}' (a ViT/DINOv2 name such as "
-                         "'vits8', or 'resnet50-mocov2')")
-    return {"stego_weights": dict(weights), "stego_shifts": dict(shifts),
-            "smooseg_shifts": dict(smooseg_shifts[key]), "smooseg_temperature": smooseg_temperature}
+    name = "cocostuff" if str(dataset).startswith("coco") else str(dataset)
+
+    def lookup(table, fallback):
+        if (name, arch) in table:
+            return table[name, arch], True
+        same_data = [value for (data, _), value in table.items() if data == name]
+        return (same_data[0] if same_data else table[fallback]), False
+
+    (close, far), smooseg_published = lookup(smooseg, ("cocostuff", "vits8"))
+    moco = arch.startswith("resnet")
+    (weights, shifts), stego_published = lookup(stego, ("cocostuff", "resnet50-mocov2" if moco else "vits8"))
+    keys = ("pos_intra", "pos_inter", "neg_inter")
+    weights, shifts = dict(zip(keys, weights)), dict(zip(keys, shifts))
+    weights["aug"], shifts["aug"] = weights["pos_intra"], shifts["pos_intra"]
+    return {"smooseg_shifts": {"close": close, "far": far}, "stego_weights": weights, "stego_shifts": shifts,
+            "published": {"smooseg": smooseg_published, "stego": stego_published}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,17 +182,17 @@ def correspondence_loss(feats_a, feats_b, codes_a, codes_b, shift):
     return (-code_similarity.clamp(min=0) * (affinity - shift)).mean()  # eq (15) L_corr
 
 
-def correspondence_terms(feats, codes, feats_aug, codes_aug, shifts, weights, generator=None,
-                         n_points=11, n_negatives=5):
-    """L_corr of eq (15): STEGO's loss on n x n random points, in three pairings, and their sum.
+def correspondence_terms(feats, codes, partners, shifts, weights, generator=None, n_points=11, n_negatives=5):
+    """L_corr of eq (15): STEGO's loss on n x n random points of each image, in four pairings, and their sum.
 
-    feats (B, C, h, w), codes (B, D, h, w) of I; feats_aug, codes_aug of Ĩ (None: "corr_aug" = 0);
-    shifts, weights: dicts with the keys "pos_intra", "pos_inter", "neg_inter" (`loss_constants`).
-      "corr_intra": I at coords1 with itself;  "corr_aug": I at coords1 with Ĩ at coords2;
-      "corr_neg": I at coords1 with I_perm at coords2, mean over n_negatives derangements
-                  (B = 1: 0);
-      "corr" = w_intra corr_intra + w_inter corr_aug + w_neg corr_neg.
-    Ĩ takes the place of STEGO's kNN positive. Draws: random_coords, random_coords, derangements.
+    feats (B, C, h, w), codes (B, D, h, w) of the images I; partners: {"knn": (feats, codes) of each
+    image's nearest-neighbour image (STEGO), "aug": (feats, codes) of Ĩ (the paper)}, either may be missing
+    (its term is 0). shifts, weights: dicts with the keys pos_intra, pos_inter, aug, neg_inter.
+      corr_intra  I at coords1 with I at coords1          pos_intra
+      corr_knn    I at coords1 with its kNN at coords2     pos_inter
+      corr_aug    I at coords1 with Ĩ at coords2           aug
+      corr_neg    I at coords1 with I_perm at coords2, mean over n_negatives derangements (B = 1: 0)
+      corr = sum of weight * term. Draws: random_coords, random_coords, derangements.
     needs: random_coords, sample_points, derangements, correspondence_loss
     """
     batch = feats.shape[0]
@@ -226,50 +202,41 @@ def correspondence_terms(feats, codes, feats_aug, codes_aug, shifts, weights, ge
     if use_negatives:
         perms = derangements(n_negatives, batch, generator, feats.device)  # (G, B)
 
-    feats1 = sample_points(feats, coords1)  # (B, C, n, n)
-    codes1 = sample_points(codes, coords1)  # (B, D, n, n)
+    feats1, codes1 = sample_points(feats, coords1), sample_points(codes, coords1)  # (B, C | D, n, n)
     zero = codes1.sum() * 0.0  # a 0 that keeps the graph of the codes
-    intra = correspondence_loss(feats1, feats1, codes1, codes1, shifts["pos_intra"])
-    aug = zero
-    if feats_aug is not None:
-        aug = correspondence_loss(feats1, sample_points(feats_aug, coords2),
-                                  codes1, sample_points(codes_aug, coords2), shifts["pos_inter"])
-    neg = zero
+    terms = {"corr_intra": correspondence_loss(feats1, feats1, codes1, codes1, shifts["pos_intra"]),
+             "corr_knn": zero, "corr_aug": zero, "corr_neg": zero}
+    for name, key in (("knn", "pos_inter"), ("aug", "aug")):
+        if name in partners:
+            feats2, codes2 = (sample_points(t, coords2) for t in partners[name])  # (B, C | D, n, n)
+            terms[f"corr_{name}"] = correspondence_loss(feats1, feats2, codes1, codes2, shifts[key])
     if use_negatives:
-        feats2 = sample_points(feats, coords2)  # (B, C, n, n)
-        codes2 = sample_points(codes, coords2)  # (B, D, n, n)
-        neg = torch.stack([correspondence_loss(feats1, feats2[perm], codes1, codes2[perm],
-                                               shifts["neg_inter"]) for perm in perms]).mean()
-    total = (weights["pos_intra"] * intra + weights["pos_inter"] * aug
-             + weights["neg_inter"] * neg)  # eq (15) L_corr
-    return {"corr_intra": intra, "corr_aug": aug, "corr_neg": neg, "corr": total}
+        feats2, codes2 = sample_points(feats, coords2), sample_points(codes, coords2)  # (B, C | D, n, n)
+        terms["corr_neg"] = torch.stack([correspondence_loss(feats1, feats2[perm], codes1, codes2[perm],
+                                                             shifts["neg_inter"]) for perm in perms]).mean()
+    terms["corr"] = (weights["pos_intra"] * terms["corr_intra"] + weights["pos_inter"] * terms["corr_knn"]
+                     + weights["aug"] * terms["corr_aug"] + weights["neg_inter"] * terms["corr_neg"])  # L_corr
+    return terms
 
 
 # ------------------------------------------------------------------------------------------------
 # Eq (14): feature-similarity loss L_fs and regulariser L_reg
 # ------------------------------------------------------------------------------------------------
 
-def feature_similarity_losses(codes, fused, image_small, tau=0.1, sigma_xy=3.0, sigma_rgb=0.1):
-    """Eq (14), our reading: (L_fs, L_reg) from codes F^c (B, D, h, w), fused F^f (B, K, h, w) and
-    the image on the feature grid (B, 3, h, w), colours in [0, 1]; gradient flows into `fused` only.
+def pair_weights(codes, image_small, sigma_xy=3.0, sigma_rgb=0.1):
+    """Eq (14)'s two similarity matrices, multiplied: W (B, N, N), W_ii = 0, no gradient.
 
-      Q     = softmax_k(F^f / tau)  (B, N, K);  G = Q Q^T is the Gram projection
-      W_ij  = max(cos(F^c_i, F^c_j), 0)                                      feature similarity
-              * exp(-|p_i - p_j|^2 / 2 sigma_xy^2 - |c_i - c_j|^2 / 2 sigma_rgb^2)  pixel similarity
-              W_ii = 0, no gradient (p: grid position in cells, c: RGB colour)
-      L_fs  = sum_ij W_ij |q_i - q_j|^2 / (2 sum_ij W_ij)   per image, then the batch mean
-      L_reg = (mean_ij G_ij - 1/K) / (1 - 1/K)             over all pixels of the batch (K = 1: 0)
-    L_fs runs as (sum_i d_i |q_i|^2 - tr(Q^T W Q)) / sum_ij W_ij with d_i = sum_j W_ij, which needs
-    no (B, N, N, K) tensor.
+      W_ij = max(cos(F^c_i, F^c_j), 0)                                        feature similarity
+             * exp(-|p_i - p_j|^2 / 2 sigma_xy^2 - |c_i - c_j|^2 / 2 sigma_rgb^2)  pixel similarity
+    codes F^c (B, D, h, w); image_small (B, 3, h, w) the image on the feature grid, colours in [0, 1];
+    p the grid position in cells, c the RGB colour.
     """
-    _, n_clusters, height, width = fused.shape
-    q = torch.softmax(fused / tau, dim=1).flatten(2).transpose(1, 2)  # Q (B, N, K)
-
+    height, width = codes.shape[2:]
     with torch.no_grad():
         unit = F.normalize(codes.flatten(2), dim=1)  # (B, D, N), unit columns
         weights_feat = torch.bmm(unit.transpose(1, 2), unit).clamp(min=0)  # (B, N, N)
-        ys = torch.arange(height, device=fused.device, dtype=fused.dtype)  # (h,)
-        xs = torch.arange(width, device=fused.device, dtype=fused.dtype)  # (w,)
+        ys = torch.arange(height, device=codes.device, dtype=codes.dtype)  # (h,)
+        xs = torch.arange(width, device=codes.device, dtype=codes.dtype)  # (w,)
         rows, cols = ys.repeat_interleave(width), xs.repeat(height)  # (N,) position of pixel i
         distance_xy = ((rows[:, None] - rows[None, :]) ** 2
                        + (cols[:, None] - cols[None, :]) ** 2)  # |p_i - p_j|^2 (N, N)
@@ -282,14 +249,51 @@ def feature_similarity_losses(codes, fused, image_small, tau=0.1, sigma_xy=3.0, 
                                 - distance_rgb / (2 * sigma_rgb ** 2))  # pixel similarity (B, N, N)
         weights = weights_feat * weights_pix  # W (B, N, N)
         weights.diagonal(dim1=1, dim2=2).zero_()
-        degree = weights.sum(dim=2)  # d (B, N)
-        total_weight = degree.sum(dim=1).clamp(min=torch.finfo(fused.dtype).tiny)  # sum W (B,)
+    return weights
 
+
+def balance_regulariser(q):
+    """L_reg of eq (14), our reading: (mean_ij G_ij - 1/K) / (1 - 1/K) with G = Q Q^T over all pixels of the
+    batch: 0 for balanced clusters, 1 when every pixel is in one cluster (K = 1: 0). q: Q (B, N, K)."""
+    n_clusters = q.shape[2]
+    if n_clusters == 1:
+        return q.sum() * 0.0  # one cluster cannot collapse
+    mean_q = q.mean(dim=(0, 1))  # (K,) over the batch's pixels; |mean_q|^2 = mean_ij G_ij
+    return (n_clusters * mean_q.pow(2).sum() - 1) / (n_clusters - 1)  # eq (14) L_reg
+
+
+def feature_similarity_losses(codes, fused, image_small, tau=0.1, sigma_xy=3.0, sigma_rgb=0.1):
+    """Eq (14), the Laplacian reading: (L_fs, L_reg) from codes F^c (B, D, h, w), fused F^f (B, K, h, w)
+    and the image on the feature grid (B, 3, h, w); gradient flows into `fused` only.
+
+      Q    = softmax_k(F^f / tau) (B, N, K), G = Q Q^T, W = pair_weights(F^c, I)
+      L_fs = sum_ij W_ij |q_i - q_j|^2 / (2 sum_ij W_ij)   per image, then the batch mean
+    run as (sum_i d_i |q_i|^2 - tr(Q^T W Q)) / sum_ij W_ij with d_i = sum_j W_ij (no (B, N, N, K) tensor).
+    needs: pair_weights, balance_regulariser
+    """
+    q = torch.softmax(fused / tau, dim=1).flatten(2).transpose(1, 2)  # Q (B, N, K)
+    weights = pair_weights(codes, image_small, sigma_xy, sigma_rgb)  # W (B, N, N)
+    degree = weights.sum(dim=2)  # d (B, N)
+    total_weight = degree.sum(dim=1).clamp(min=torch.finfo(fused.dtype).tiny)  # sum W (B,)
     degree_term = (degree * q.pow(2).sum(dim=2)).sum(dim=1)  # sum_i d_i |q_i|^2 (B,)
     trace_term = (q * torch.bmm(weights, q)).sum(dim=(1, 2))  # tr(Q^T W Q) (B,)
     loss_fs = ((degree_term - trace_term) / total_weight).mean()  # eq (14) L_fs
-    if n_clusters == 1:
-        return loss_fs, q.sum() * 0.0  # one cluster cannot collapse: L_reg = 0
-    mean_q = q.mean(dim=(0, 1))  # (K,) over the batch's pixels; |mean_q|^2 = mean_ij G_ij
-    loss_reg = (n_clusters * mean_q.pow(2).sum() - 1) / (n_clusters - 1)  # eq (14) L_reg
-    return loss_fs, loss_reg
+    return loss_fs, balance_regulariser(q)
+
+
+def feature_correlation_losses(codes, fused, image_small, tau=0.1, sigma_xy=3.0, sigma_rgb=0.1):
+    """Eq (14), the correlation reading: the pair similarity W projected on the Gram matrix G of F^f, built
+    as STEGO's correspondence loss is (W centred per row; the pull is not normalised by sum W).
+
+      Q    = softmax_k(F^f / tau) (B, N, K), G = Q Q^T, W = pair_weights(F^c, I)
+      L_fs = -mean_i sum_j (W_ij - mean_j' W_ij') G_ij     per image, then the batch mean
+    Pairs more alike than the row's average are pulled into one cluster (G_ij up), the others apart.
+    W is local (sigma_xy), so the sum over j stays bounded whatever the grid's size.
+    needs: pair_weights, balance_regulariser
+    """
+    q = torch.softmax(fused / tau, dim=1).flatten(2).transpose(1, 2)  # Q (B, N, K)
+    weights = pair_weights(codes, image_small, sigma_xy, sigma_rgb)  # W (B, N, N)
+    centred = weights - weights.mean(dim=2, keepdim=True)  # W_ij - mean_j W_ij (B, N, N)
+    gram = torch.bmm(q, q.transpose(1, 2))  # G (B, N, N)
+    loss_fs = -(centred * gram).sum(dim=2).mean()  # eq (14) L_fs: the sum over j, the mean over i and images
+    return loss_fs, balance_regulariser(q)

@@ -99,6 +99,9 @@ def format_table(result, class_names=None):
         if index == n_classes:
             lines.append("-" * len(header))
         lines.append(f"{name:<{width}}" + "".join(f"  {percent(v):>{w}}" for v, w in zip(values, widths)))
+    used = [str(entry["clusters_used"]) if "clusters_used" in entry else "-" for entry in probes.values()]
+    lines.append(f"{'clusters':<{width}}" + "".join(f"  {u:>{w}}  {'':>{w2}}" for u, w, w2 in
+                                                   zip(used, widths[::2], widths[1::2])))
     return "\n".join(lines)
 
 

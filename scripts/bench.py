@@ -148,7 +148,7 @@ def main():
         low_level = il2vseg.compiled_with_fallback(low_level)
 
     def step():
-        total, _ = il2vseg.loss_terms(backbone, model, images224, cfg, generator, low_level)
+        total, _, _ = il2vseg.loss_terms(backbone, model, images224, cfg, generator, low_level)
         optimiser.zero_grad(set_to_none=True)
         total.backward()
         optimiser.step()

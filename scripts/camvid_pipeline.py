@@ -52,6 +52,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import fcm  # noqa: E402
 import il2vseg  # noqa: E402
+import pairs  # noqa: E402
 
 K = 11  # CamVid's classes (void = id 11 is ignored by data.py)
 
@@ -90,11 +91,23 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=None,
                    help="EMA momentum of the global centres (default 0.998 ** (3000 / steps): the paper's total decay)")
     p.add_argument("--eval-alpha", type=float, default=0.5, help="alpha of the eval-time fusion study")
-    p.add_argument("--study-alphas", default="0,0.5", help="training alphas whose models get the fusion study")
+    p.add_argument("--study-alphas", default="", help="training alphas whose models get the eval-time fusion study")
     p.add_argument("--candidates", default="printed+hard,printed+soft,keep-scale+hard,keep-scale+soft,poe+soft",
                    help="eval-time fusions compared, KIND+ALIGN: printed (softmax(2 F^f), the fusion as printed), "
                         "keep-scale (il2vseg.fuse keep_scale), poe, mix, crf-first; ALIGN soft, likelihood or hard "
                         "(il2vseg.align_clusters); a suffix @A gives the candidate its own eval alpha (default --eval-alpha)")
+    p.add_argument("--knn", type=int, default=7, help="il2vseg's --knn (STEGO's nearest-neighbour term; 0: off)")
+    p.add_argument("--no-aug", action="store_true", help="il2vseg's --no-aug (no I, I~ term)")
+    p.add_argument("--shifts", choices=["auto", "published", "calibrate"], default="auto",
+                   help="il2vseg's --shifts; the calibration is measured once, on seed 0's training set")
+    p.add_argument("--fs-reading", choices=["laplacian", "correlation"], default="laplacian", help="il2vseg's --fs-reading")
+    p.add_argument("--five-crop", action=argparse.BooleanOptionalAction, default=True, help="il2vseg's --five-crop")
+    p.add_argument("--train-crop", choices=["centre", "random"], default="centre", help="il2vseg's --train-crop")
+    p.add_argument("--resize", choices=["nearest", "bilinear"], default="nearest", help="il2vseg's --resize")
+    p.add_argument("--beta", type=float, default=0.05, help="il2vseg's --beta")
+    p.add_argument("--gamma", type=float, default=0.1, help="il2vseg's --gamma")
+    p.add_argument("--grad-every", type=int, default=20, help="record each term's gradient on the head every N steps")
+    p.add_argument("--calibrate-images", type=int, default=256, help="il2vseg's --calibrate-images")
     p.add_argument("--no-crf", action="store_true")
     p.add_argument("--workers", type=int, default=2, help="training runs in parallel (forked processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: no thread thrashing "
@@ -190,25 +203,51 @@ def fit_lda(standin, images, labels, gain=2.0):
 # Data: frames decoded and resized once
 # ----------------------------------------------------------------------------------------------
 
-def eval_frames(root, split, crop, length, exclude=()):
+def eval_frames(root, split, crop, length, exclude=(), interpolation="nearest"):
     """The project's eval geometry (short side -> crop, centre crop): images (N, 3, c, c), labels (N, c, c) of
     `length` frames evenly spaced over the split's frames whose names are not in `exclude`."""
-    ds = data.build_dataset("camvid", root, split, mode="eval", crop_size=crop)
+    ds = data.build_dataset("camvid", root, split, mode="eval", crop_size=crop, interpolation=interpolation)
     ds.samples = data.evenly_spaced([s for s in ds.samples if s["name"] not in set(exclude)], length)
     items = [ds[i] for i in range(len(ds))]
     return (torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
             [s["name"] for s in ds.samples])
 
 
-def cached_train_set(root, crop, length, seed):
-    """data.py's training set (random crop + flip seeded by (seed, epoch, index)) over frames decoded and
-    resized (short side -> crop) once; the cache is shared between seeds."""
-    ds = data.build_dataset("camvid", root, "train", mode="train", crop_size=crop, length=length, seed=seed)
+class Precomputed(torch.utils.data.Dataset):
+    """A training set whose items do not depend on the epoch (five-crop + resize + centre crop, the peers'
+    recipe), built once and served from memory: what data.py gives, without decoding every frame again."""
+
+    def __init__(self, dataset):
+        self.items = [dataset[i] for i in range(len(dataset))]
+        self.n_classes, self.class_names, self.random_crop = dataset.n_classes, dataset.class_names, False
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return dict(self.items[index])
+
+    def set_epoch(self, epoch):
+        pass
+
+
+def cached_train_set(args, seed):
+    """data.py's training set in il2vseg's geometry flags. --train-crop centre: every item precomputed once
+    (shared between seeds); random: frames decoded and resized once, the random crop + flip drawn per
+    (seed, epoch, index) by data.py."""
+    ds = data.build_dataset("camvid", args.root, "train", mode="train", crop_size=args.crop, length=args.train_frames,
+                            seed=seed, five_crop=args.five_crop, train_crop=args.train_crop, interpolation=args.resize)
     cache = cached_train_set.cache
+    if args.train_crop == "centre":
+        if "centre" not in cache:
+            cache["centre"] = Precomputed(ds)
+        return cache["centre"]
+    if args.five_crop:
+        raise SystemExit("--train-crop random is cached here without --five-crop only: add --no-five-crop")
     for s in ds.samples:
-        if (s["name"], crop) not in cache:
-            cache[(s["name"], crop)] = data.resize_short_side(*ds.load(s), crop)
-    ds.load = lambda sample: cache[(sample["name"], crop)]
+        if (s["name"], args.crop) not in cache:
+            cache[(s["name"], args.crop)] = data.resize_short_side(*ds.load(s), args.crop, args.resize)
+    ds.load = lambda sample: cache[(sample["name"], args.crop)]
     ds.resize = 0  # already resized
     return ds
 
@@ -229,15 +268,24 @@ def range_fuse(f_seg, f_low, alpha=0.5, keep_scale=False):
     return PROJECT_FUSE(f_seg, 2 * f_low - 1, alpha, keep_scale)
 
 
-def train_model(args, backbone, seed, alpha, affinity, workdir):
+def run_settings(args, seed, alpha, affinity, workdir):
+    """il2vseg's settings for one run of this script (the peers' loss constants filled by resolve_defaults)."""
     cfg = cli.parse_args(["--data", "camvid", "--arch", "vits8"])
-    cli.resolve_defaults(cfg, torch.device("cpu"))  # the peers' loss constants, every field filled
+    cli.resolve_defaults(cfg, torch.device("cpu"))
     ema = args.ema if args.ema is not None else 0.998 ** (3000 / args.steps)  # as much decay as 3000 steps at 0.998
     vars(cfg).update(ema=ema, steps=args.steps, batch_size=args.batch_size, crop=args.crop, eval_crop=args.crop, seed=seed,
                      alpha=alpha, affinity=affinity, radius=args.radius, fcm_sigma=args.fcm_sigma,
                      fusion_in=args.fusion_in, align=args.align, out=str(workdir / f"run_{seed}_{affinity}_{alpha}"),
-                     save_every=args.steps, log_every=10 ** 9, num_workers=0, resume=None)
-    train_set = cached_train_set(args.root, args.crop, args.train_frames, seed)
+                     save_every=args.steps, log_every=args.grad_every, num_workers=0, resume=None, verbose=True,
+                     knn=args.knn, use_aug=not args.no_aug, shifts=args.shifts, fs_reading=args.fs_reading,
+                     five_crop=args.five_crop, train_crop=args.train_crop, resize=args.resize, beta=args.beta,
+                     gamma=args.gamma, data_root=args.root, calibrate_images=args.calibrate_images)
+    return cfg
+
+
+def train_model(args, backbone, seed, alpha, affinity, workdir):
+    cfg = run_settings(args, seed, alpha, affinity, workdir)
+    train_set = cached_train_set(args, seed)
     model = il2vseg.build_model(cfg, backbone, K, torch.device("cpu"))
     il2vseg.fuse = range_fuse if args.fl_scale == "range" else PROJECT_FUSE  # read by il2vseg.loss_terms
     try:
@@ -245,7 +293,10 @@ def train_model(args, backbone, seed, alpha, affinity, workdir):
     finally:
         il2vseg.fuse = PROJECT_FUSE
     model.eval()
-    return model, history[-1]
+    grads = [h["grad"] for h in history if "grad" in h]
+    return model, {"last": {k: v for k, v in history[-1].items() if k != "grad"}, "grads": grads,
+                   "shifts": {"close": cfg.shift_close, "far": cfg.shift_far, **cfg.corr_shifts},
+                   "collapsed_steps": sum(h["largest"] > 0.9 for h in history)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,6 +402,7 @@ def evaluate_codes(codes, probes, images, labels, lows, unaries, alpha, use_crf,
     n_pix = labels[0].numel() * len(codes)
     return {n: {t: {"before": compact(evaluate.scores(conf[n, t][0])),
                     "after": compact(evaluate.scores(conf[n, t][1])) if use_crf else None,
+                    "clusters_used": int((conf[n, t][0].sum(dim=0) > 0).sum()),
                     "entropy": diag[n, t][0] / n_pix, "maxp": diag[n, t][1] / n_pix, "changed": diag[n, t][2] / n_pix}
                 for t, _, _ in unaries} for n in probes}
 
@@ -393,6 +445,27 @@ def sweep_table(rows):
               for st in ("before", "after") for r in records]
         half = len(ks) // 2
         lines.append(f"| {label} | {alpha} | " + " | ".join(cells) + f" | {np.mean(ks[:half]):.1f} / {np.mean(ks[half:]):.1f} |")
+    return "\n".join(lines)
+
+
+def training_table(rows):
+    """Per variant, mean over training seeds: each weighted term's gradient norm on the head over the run
+    (--grad-every), L_fs's and L_reg's share of L_smo's, the last step's cluster usage, the steps one
+    cluster held > 90 % of the batch, and the clusters each probe uses on val (of K)."""
+    terms = ("smo", "corr", "fs", "reg", "data")
+    lines = ["| F^l reading | train α | " + " | ".join(f"‖∇ {t}‖" for t in terms) + " | fs / smo | reg / smo | "
+             "perplexity (of 11) | largest | collapsed steps | clusters used: k-means / centres |",
+             "|---|---|" + "---:|" * (len(terms) + 6)]
+    for label, alpha, records in rows:
+        grad = {t: np.mean([np.mean([g[t] for g in r["training"]["grads"]]) for r in records]) for t in terms}
+        ratio = lambda t: np.mean([np.mean([g[t] / max(g["smo"], 1e-12) for g in r["training"]["grads"]]) for r in records])  # noqa: E731
+        last = lambda k: np.mean([r["training"]["last"][k] for r in records])  # noqa: E731
+        used = [np.mean([r["eval"][p]["none"]["clusters_used"] for r in records for p in r["eval"] if p.startswith(probe)])
+                for probe in ("kmeans", "centres")]
+        lines.append(f"| {label} | {alpha} | " + " | ".join(f"{grad[t]:.4f}" for t in terms)
+                     + f" | {100 * ratio('fs'):.1f}% | {100 * ratio('reg'):.1f}% | {last('perplexity'):.1f} | "
+                     f"{100 * last('largest'):.0f}% | {np.mean([r['training']['collapsed_steps'] for r in records]):.0f} | "
+                     f"{used[0]:.1f} / {used[1]:.1f} |")
     return "\n".join(lines)
 
 
@@ -458,7 +531,7 @@ def run_one(job):
     result = evaluate_codes(codes, probes, val_images, val_labels, CTX["lows"], unaries, args.eval_alpha,
                             not args.no_crf)
     return {"label": label, "alpha": alpha, "affinity": affinity, "seed": seed, "eval": result,
-            "last_losses": last, "seconds": time.time() - tic}
+            "training": last, "seconds": time.time() - tic}
 
 
 def main(argv=None):
@@ -476,9 +549,10 @@ def main(argv=None):
         parse_candidate(c, args.eval_alpha)
 
     # frames, decoded once: val and the k-means fit set in eval geometry, train resized for random crops
-    fit_images, fit_labels, fit_names = eval_frames(args.root, "train", args.crop, args.fit_frames)
+    fit_images, fit_labels, fit_names = eval_frames(args.root, "train", args.crop, args.fit_frames, interpolation=args.resize)
     val_images, val_labels, _ = eval_frames(args.root, args.eval_split, args.crop, args.val_frames,
-                                            exclude=fit_names if args.eval_split == "train" else ())
+                                            exclude=fit_names if args.eval_split == "train" else (),
+                                            interpolation=args.resize)
     stats_images = fit_images[torch.linspace(0, len(fit_images) - 1, min(32, len(fit_images))).long()]
     backbone = StandIn(stats_images)
     if args.standin == "lda":
@@ -509,7 +583,17 @@ def main(argv=None):
     variants = [("—", 0.0, affinities[0])] if 0.0 in alphas else []
     variants += [(a, alpha, a) for a in affinities for alpha in alphas if alpha > 0]
     jobs = [(seed, label, alpha, affinity) for seed in range(args.seeds) for label, alpha, affinity in variants]
-    cached_train_set(args.root, args.crop, args.train_frames, 0)  # decode the train frames once, before forking
+    train_set = cached_train_set(args, 0)  # decode the train frames once, before forking
+    calibration = {}
+    if args.shifts != "published":  # measured once on seed 0's training set, reused by every run (pairs.calibrate)
+        cfg = run_settings(args, 0, 0.0, affinities[0], Path(tempfile.mkdtemp(prefix="camvid_calibration_")))
+        neighbours = pairs.neighbours_for_run(cfg, backbone, train_set, torch.device("cpu"), say) if args.knn else None
+        calibration = pairs.calibrate(cfg, backbone, train_set, neighbours, torch.device("cpu"), say)
+        pairs.calibrate = lambda *a, **k: dict(calibration)
+    if args.knn:  # the same frames and backbone for every run: the neighbours too (pairs.neighbours_for_run)
+        cfg = run_settings(args, 0, 0.0, affinities[0], Path(tempfile.mkdtemp(prefix="camvid_neighbours_")))
+        shared = pairs.neighbours_for_run(cfg, backbone, train_set, torch.device("cpu"), lambda *a: None)
+        pairs.neighbours_for_run = lambda *a, **k: shared
     CTX.update(args=args, backbone=backbone, val=(val_f, val_ff, val_images, val_labels), fit=(fit_f, fit_ff),
                lows=lows, workdir=Path(tempfile.mkdtemp(prefix="camvid_pipeline_")), study=(study_alphas, candidates),
                affinities=affinities)
@@ -550,6 +634,11 @@ def main(argv=None):
     if not args.no_crf:
         print("Alpha sweep (Figure 5), evaluated with the protocol (no eval-time fusion):\n")
         print(sweep_table(rows) + "\n")
+        print("Training: the gradient each weighted term sends to the head, cluster usage, probes' clusters:\n")
+        print(training_table(rows) + "\n")
+        if records:
+            print("Shifts used: " + ", ".join(f"{k} {v:+.3f}" for k, v in records[0]["training"]["shifts"].items())
+                  + f" (--shifts {args.shifts})\n")
         if rows and rows[0][1] == 0.0:
             print("Paired difference to alpha 0 (same training seed), mIoU points:\n")
             print(delta_table(rows[1:], rows[0][2]) + "\n")

@@ -149,7 +149,8 @@ def test_a_nan_head_is_named_as_the_first_loss_term_it_poisons(tmp_path, monkeyp
     import losses
     monkeypatch.setattr(losses, "data_loss", lambda inner_local, inner_global, *a, **k: inner_local.sum() * 0)
     out = tmp_path / "run"
-    cfg = cli.resolve_defaults(cli.parse_args(["--out", str(out), "--align", align] + TINY), torch.device("cpu"))
+    cfg = cli.resolve_defaults(cli.parse_args(["--out", str(out), "--align", align, "--knn", "2"] + TINY),
+                               torch.device("cpu"))
     backbone = backbones.VisionTransformer(patch=8, dim=32, depth=1, heads=2, pretrain_size=32).eval()
     model = il2vseg.build_model(cfg, backbone, 3, "cpu")
     with torch.no_grad():

@@ -142,6 +142,35 @@ def ref_feature_similarity(codes, fused, image_small, tau, sigma_xy, sigma_rgb):
     return l_fs / batch, l_reg
 
 
+def ref_feature_correlation(codes, fused, image_small, tau, sigma_xy, sigma_rgb):
+    """L_fs = -mean_i sum_j (W_ij - mean_j W_ij) q_i . q_j per image, then the batch mean; L_reg as above."""
+    batch, n_clusters, height, width = fused.shape
+    pc, pf, pi = pixels(codes), pixels(fused), pixels(image_small)
+    positions = [(y, x) for y in range(height) for x in range(width)]
+    l_fs = 0.0
+    for b in range(batch):
+        q = []
+        for logits in pf[b]:
+            exps = [math.exp(v / tau) for v in logits]
+            q.append([e / sum(exps) for e in exps])
+        n = len(q)
+        w = [[0.0] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    d_xy = sum((a - c) ** 2 for a, c in zip(positions[i], positions[j]))
+                    d_rgb = sum((a - c) ** 2 for a, c in zip(pi[b][i], pi[b][j]))
+                    w[i][j] = max(cos(pc[b][i], pc[b][j]), 0.0) * math.exp(-d_xy / (2 * sigma_xy ** 2)
+                                                                         - d_rgb / (2 * sigma_rgb ** 2))
+        total = 0.0
+        for i in range(n):
+            row_mean = sum(w[i]) / n
+            for j in range(n):
+                total += (w[i][j] - row_mean) * sum(a * c for a, c in zip(q[i], q[j]))
+        l_fs += -total / n
+    return l_fs / batch, ref_feature_similarity(codes, fused, image_small, tau, sigma_xy, sigma_rgb)[1]
+
+
 def rand(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -279,10 +308,12 @@ def test_correspondence_loss_gradient_to_codes_only():
 def test_correspondence_terms_match_composition_of_references():
     feats, codes = rand(3, 5, 4, 4, seed=23), rand(3, 4, 4, 4, seed=24)
     feats_aug, codes_aug = rand(3, 5, 4, 4, seed=25), rand(3, 4, 4, 4, seed=26)
-    shifts = {"pos_intra": 0.1, "pos_inter": 0.05, "neg_inter": 0.4}
-    weights = {"pos_intra": 0.7, "pos_inter": 0.3, "neg_inter": 0.6}
-    got = losses.correspondence_terms(feats, codes, feats_aug, codes_aug, shifts, weights,
-                                      torch.Generator().manual_seed(5), n_points=3, n_negatives=2)
+    feats_knn, codes_knn = rand(3, 5, 4, 4, seed=51), rand(3, 4, 4, 4, seed=52)
+    shifts = {"pos_intra": 0.1, "pos_inter": 0.05, "aug": 0.2, "neg_inter": 0.4}
+    weights = {"pos_intra": 0.7, "pos_inter": 0.3, "aug": 0.9, "neg_inter": 0.6}
+    partners = {"aug": (feats_aug, codes_aug), "knn": (feats_knn, codes_knn)}
+    got = losses.correspondence_terms(feats, codes, partners, shifts, weights, torch.Generator().manual_seed(5),
+                                      n_points=3, n_negatives=2)
 
     # the same random draws, in the documented order
     generator = torch.Generator().manual_seed(5)
@@ -291,78 +322,74 @@ def test_correspondence_terms_match_composition_of_references():
     perms = losses.derangements(2, 3, generator, "cpu")
     f1, c1 = ref_sample(feats, coords1), ref_sample(codes, coords1)
     f2, c2 = ref_sample(feats, coords2), ref_sample(codes, coords2)
-    fa2, ca2 = ref_sample(feats_aug, coords2), ref_sample(codes_aug, coords2)
     intra = ref_correspondence(f1, f1, c1, c1, 0.1)  # STEGO: the same points with themselves
-    aug = ref_correspondence(f1, fa2, c1, ca2, 0.05)
+    knn = ref_correspondence(f1, ref_sample(feats_knn, coords2), c1, ref_sample(codes_knn, coords2), 0.05)
+    aug = ref_correspondence(f1, ref_sample(feats_aug, coords2), c1, ref_sample(codes_aug, coords2), 0.2)
     neg = sum(ref_correspondence(f1, f2[p], c1, c2[p], 0.4) for p in perms) / 2
-    assert abs(got["corr_intra"].item() - intra) < 1e-10
-    assert abs(got["corr_aug"].item() - aug) < 1e-10
-    assert abs(got["corr_neg"].item() - neg) < 1e-10
-    assert abs(got["corr"].item() - (0.7 * intra + 0.3 * aug + 0.6 * neg)) < 1e-10
+    for name, value in (("corr_intra", intra), ("corr_knn", knn), ("corr_aug", aug), ("corr_neg", neg)):
+        assert abs(got[name].item() - value) < 1e-10, name
+    assert abs(got["corr"].item() - (0.7 * intra + 0.3 * knn + 0.9 * aug + 0.6 * neg)) < 1e-10
+    # a missing partner is a 0 term, the others unchanged
+    only_aug = losses.correspondence_terms(feats, codes, {"aug": (feats_aug, codes_aug)}, shifts, weights,
+                                           torch.Generator().manual_seed(5), n_points=3, n_negatives=2)
+    assert only_aug["corr_knn"].item() == 0 and abs(only_aug["corr_aug"].item() - aug) < 1e-10
 
 
 def test_correspondence_terms_single_image():
     feats, codes = rand(1, 5, 4, 4, seed=27), rand(1, 4, 4, 4, seed=28).requires_grad_()
     constants = losses.loss_constants("cityscapes")
-    got = losses.correspondence_terms(feats, codes, None, None, constants["stego_shifts"],
-                                      constants["stego_weights"], torch.Generator(), n_points=3)
-    assert got["corr_neg"].item() == 0 and got["corr_aug"].item() == 0
+    got = losses.correspondence_terms(feats, codes, {}, constants["stego_shifts"], constants["stego_weights"],
+                                      torch.Generator(), n_points=3)
+    assert got["corr_neg"].item() == 0 and got["corr_aug"].item() == 0 and got["corr_knn"].item() == 0
     got["corr"].backward()
     assert codes.grad.abs().sum() > 0
 
 
-# The peers' constants, transcribed from ../shared/docs/anchors.md (the quoted lines).
-# "Weights/shifts (ViT-S): cocostuff27 w_ni .63, w_pi .25, w_pa .67, shifts .66/.02/.08;
-#  potsdam same weights, shifts .46/.02/.08; cityscapes weights .906/.577/1.0, shifts .314/.175/.458."
-# (ni = neg_inter, pi = pos_inter, pa = pos_intra; the shifts in the same order)
-ANCHOR_STEGO_VIT = {  # (weights, shifts)
-    "cocostuff": (dict(neg_inter=.63, pos_inter=.25, pos_intra=.67),
-                  dict(neg_inter=.66, pos_inter=.02, pos_intra=.08)),
-    "potsdam": (dict(neg_inter=.63, pos_inter=.25, pos_intra=.67),
-                dict(neg_inter=.46, pos_inter=.02, pos_intra=.08)),
-    "cityscapes": (dict(neg_inter=.906, pos_inter=.577, pos_intra=1.0),
-                   dict(neg_inter=.314, pos_inter=.175, pos_intra=.458)),
-}
-# "STEGO's COCO-Stuff MoCo config: correspondence weights pos_intra .67, pos_inter .25,
-#  neg_inter .63; shifts pos_intra .32, pos_inter .36, neg_inter .26."
-ANCHOR_STEGO_MOCO = (dict(pos_intra=.67, pos_inter=.25, neg_inter=.63),
-                     dict(pos_intra=.32, pos_inter=.36, neg_inter=.26))
-# "Shifts: cityscapes b_far 0.5, b_close -0.02; cocostuff27 0.48 / -0.02; potsdam (ViT-B/8) 0.5 / 0.1."
-ANCHOR_SMOOSEG = {"cityscapes": dict(far=0.5, close=-0.02), "cocostuff": dict(far=0.48, close=-0.02),
-                  "potsdam": dict(far=0.5, close=0.1)}
-# "`P = softmax(inner_global / 0.1)`."
-ANCHOR_SMOOSEG_TEMPERATURE = 0.1
-
-# the table entry each data set name must get (a set no peer tuned on: the COCO-Stuff values)
-DATASET_ENTRY = {"cityscapes": "cityscapes", "cocostuff": "cocostuff", "cocostuff27": "cocostuff",
-                 "potsdam": "potsdam", "mastr1325": "cocostuff", "camvid": "cocostuff",
-                 "folder": "cocostuff", "synthetic": "cocostuff", "default": "cocostuff"}
-VIT_ARCHS = ["vits8", "vits16", "vitb8", "dinov2_vits14", "dinov2_vitb14_reg"]
+# The peers' constants as their configurations publish them, written down here from the files themselves:
+# SmooSeg's configs/train_config.yaml ("cityscapes dino small" neg_inter_shift 0.5 = b_far, pos_intra_shift
+# -0.02 = b_close; "cocostuff27 dino small" 0.48 / -0.02; "potsdam dino base" 0.5 / 0.1; "potsdam dinov2 base"
+# 0.5 / 0.32) and STEGO's src/configs/train_config.yml (weights and shifts in the order pos_intra, pos_inter,
+# neg_inter: "Cocostuff27 vit small" .67/.25/.63 and .08/.02/.66; "Potsdam vit small" the same weights and
+# .08/.02/.46; "Cityscapes 10/3" 1/.577/.906 and .458/.175/.314, the configuration of STEGO's released
+# cityscapes_vit_base checkpoint; "Cocostuff27 10/3 moco" .67/.25/.63 and .32/.36/.26).
+PUBLISHED_SMOOSEG = {("cityscapes", "vits8"): (-0.02, 0.5), ("cocostuff", "vits8"): (-0.02, 0.48),
+                     ("potsdam", "vitb8"): (0.1, 0.5), ("potsdam", "dinov2-vitb14"): (0.32, 0.5)}
+PUBLISHED_STEGO = {("cocostuff", "vits8"): ((0.67, 0.25, 0.63), (0.08, 0.02, 0.66)),
+                   ("potsdam", "vits8"): ((0.67, 0.25, 0.63), (0.08, 0.02, 0.46)),
+                   ("cityscapes", "vitb8"): ((1.0, 0.577, 0.906), (0.458, 0.175, 0.314)),
+                   ("cocostuff", "resnet50-mocov2"): ((0.67, 0.25, 0.63), (0.32, 0.36, 0.26))}
+STEGO_KEYS = ("pos_intra", "pos_inter", "neg_inter")
+ARCHS = ["vits8", "vits16", "vitb8", "dinov2-vits14", "dinov2-vitb14", "resnet50-mocov2"]
 
 
-@pytest.mark.parametrize("arch", VIT_ARCHS + ["resnet50-mocov2"])
-@pytest.mark.parametrize("dataset", sorted(DATASET_ENTRY))
-def test_loss_constants_match_the_anchors_entry_by_entry(dataset, arch):
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dataset", ["cityscapes", "cocostuff", "potsdam", "mastr1325", "camvid", "folder"])
+def test_loss_constants_are_the_published_ones_where_published_and_say_so(dataset, arch):
     got = losses.loss_constants(dataset, arch)
-    entry = DATASET_ENTRY[dataset]
-    weights, shifts = ANCHOR_STEGO_MOCO if arch == "resnet50-mocov2" else ANCHOR_STEGO_VIT[entry]
-    # dict equality compares key by key: a swapped pair (pos_intra/neg_inter, close/far) fails
-    assert got == {"stego_weights": weights, "stego_shifts": shifts,
-                   # SmooSeg's shifts: per data set for every backbone (no ResNet-50 values known)
-                   "smooseg_shifts": ANCHOR_SMOOSEG[entry],
-                   "smooseg_temperature": ANCHOR_SMOOSEG_TEMPERATURE}
+    if (dataset, arch) in PUBLISHED_SMOOSEG:
+        assert (got["smooseg_shifts"]["close"], got["smooseg_shifts"]["far"]) == PUBLISHED_SMOOSEG[dataset, arch]
+    assert got["published"]["smooseg"] is ((dataset, arch) in PUBLISHED_SMOOSEG)
+    if (dataset, arch) in PUBLISHED_STEGO:
+        weights, shifts = PUBLISHED_STEGO[dataset, arch]
+        assert tuple(got["stego_weights"][k] for k in STEGO_KEYS) == weights
+        assert tuple(got["stego_shifts"][k] for k in STEGO_KEYS) == shifts
+    assert got["published"]["stego"] is ((dataset, arch) in PUBLISHED_STEGO)
+    # the paper's jittered pair has no published constant: it takes pos_intra's
+    assert got["stego_shifts"]["aug"] == got["stego_shifts"]["pos_intra"]
+    assert got["stego_weights"]["aug"] == got["stego_weights"]["pos_intra"]
 
 
-def test_loss_constants_default_arch_case_copies_and_unknown_arch():
-    assert losses.loss_constants("cityscapes") == losses.loss_constants("cityscapes", "vits8")
-    assert losses.loss_constants("CocoStuff27") == losses.loss_constants("cocostuff")
-    assert losses.loss_constants("coco-stuff") == losses.loss_constants("cocostuff")  # "coco..."
+def test_loss_constants_fall_back_to_the_same_data_set_then_to_cocostuff():
+    weights, shifts = PUBLISHED_STEGO["cityscapes", "vitb8"]  # Cityscapes with ViT-S/8: the ViT-B/8 values
+    assert tuple(losses.loss_constants("cityscapes", "vits8")["stego_shifts"][k] for k in STEGO_KEYS) == shifts
+    _, shifts = PUBLISHED_STEGO["cocostuff", "vits8"]  # a data set no peer tuned: COCO-Stuff's ViT-S/8 values
+    assert tuple(losses.loss_constants("camvid", "dinov2-vits14")["stego_shifts"][k] for k in STEGO_KEYS) == shifts
+    _, shifts = PUBLISHED_STEGO["cocostuff", "resnet50-mocov2"]  # ...or its MoCo ones for a ResNet
+    assert tuple(losses.loss_constants("camvid", "resnet50-mocov2")["stego_shifts"][k] for k in STEGO_KEYS) == shifts
+    assert losses.loss_constants("cocostuff27") == losses.loss_constants("cocostuff")
     first = losses.loss_constants("potsdam")
     first["stego_shifts"]["neg_inter"] = 99.0  # the caller's copy: the next call is untouched
     assert losses.loss_constants("potsdam")["stego_shifts"]["neg_inter"] == 0.46
-    with pytest.raises(ValueError, match="unknown arch 'resnet50'") as error:
-        losses.loss_constants("cocostuff", "resnet50")
-    assert "\n" not in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,6 +406,29 @@ def test_feature_similarity_losses_match_loop_reference():
         ref_fs, ref_reg = ref_feature_similarity(codes, fused, image, tau, sigma_xy, sigma_rgb)
         assert abs(l_fs.item() - ref_fs) < 1e-12
         assert abs(l_reg.item() - ref_reg) < 1e-12
+
+
+def test_feature_correlation_losses_match_loop_reference():
+    codes = rand(2, 4, 3, 3, seed=29)
+    fused = rand(2, 3, 3, 3, seed=30)
+    image = torch.rand(2, 3, 3, 3, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
+    for tau, sigma_xy, sigma_rgb in ((0.1, 3.0, 0.1), (0.5, 1.0, 0.4)):
+        l_fs, l_reg = losses.feature_correlation_losses(codes, fused, image, tau, sigma_xy, sigma_rgb)
+        ref_fs, ref_reg = ref_feature_correlation(codes, fused, image, tau, sigma_xy, sigma_rgb)
+        assert abs(l_fs.item() - ref_fs) < 1e-12 and abs(l_reg.item() - ref_reg) < 1e-12
+
+
+def test_the_correlation_reading_pulls_alike_pixels_together_and_pushes_the_others_apart():
+    codes = torch.zeros(1, 4, 3, 3, dtype=torch.float64)
+    codes[:, 0, :, :2] = 1  # columns 0-1 alike, column 2 another object
+    codes[:, 1, :, 2] = 1
+    image = torch.full((1, 3, 3, 3), 0.5, dtype=torch.float64)
+    along = torch.tensor([[[0, 0, 1], [0, 0, 1], [0, 0, 1]]])  # clusters follow the objects
+    across = torch.tensor([[[0, 1, 1], [0, 1, 1], [0, 1, 1]]])  # a boundary through an object
+    merged = torch.zeros(1, 3, 3, dtype=torch.long)  # one cluster for both objects
+    values = [losses.feature_correlation_losses(codes, one_hot_logits(a, 3), image)[0].item()
+              for a in (along, across, merged)]
+    assert values[0] < values[1] and values[0] < values[2]
 
 
 def one_hot_logits(assignment, n_clusters, scale=100.0):
@@ -455,11 +505,11 @@ def test_cuda_matches_cpu():
     a = losses.smoothness_loss(feats, probs, -0.02, 0.5, perm)
     b = losses.smoothness_loss(feats.cuda(), probs.cuda(), -0.02, 0.5, perm.cuda())
     assert abs(a.item() - b.item()) < 1e-4
-    constants = losses.loss_constants("default")
+    constants = losses.loss_constants("camvid")
     shifts, weights = constants["stego_shifts"], constants["stego_weights"]
-    a = losses.correspondence_terms(feats, codes, feats, codes, shifts, weights,
+    a = losses.correspondence_terms(feats, codes, {"aug": (feats, codes)}, shifts, weights,
                                     torch.Generator().manual_seed(0))["corr"]
-    b = losses.correspondence_terms(feats.cuda(), codes.cuda(), feats.cuda(), codes.cuda(), shifts,
+    b = losses.correspondence_terms(feats.cuda(), codes.cuda(), {"aug": (feats.cuda(), codes.cuda())}, shifts,
                                     weights, torch.Generator().manual_seed(0))["corr"]
     assert abs(a.item() - b.item()) < 1e-4
 
@@ -495,8 +545,8 @@ def paste_inputs():
         return torch.Generator().manual_seed(7)
 
     return {
-        "loss_constants": lambda fn: [fn(d, a) for d in ("potsdam", "camvid")
-                                      for a in ("vits8", "resnet50-mocov2")],
+        "loss_constants": lambda fn: [fn(d, a) for d in ("potsdam", "camvid", "cityscapes")
+                                      for a in ("vits8", "vitb8", "resnet50-mocov2")],
         "derangements": lambda fn: fn(4, 5, gen()),
         "derangement": lambda fn: fn(5, gen(), "cpu"),
         "feature_affinity": lambda fn: fn(feats, feats_aug),
@@ -508,9 +558,13 @@ def paste_inputs():
         "sample_points": lambda fn: fn(codes, coords),
         "correspondence_loss": lambda fn: fn(feats, feats_aug, codes, codes_aug, 0.2),
         "correspondence_terms": lambda fn: (
-            fn(feats, codes, feats_aug, codes_aug, shifts, weights, gen(), n_points=3, n_negatives=2),
-            fn(feats[:1], codes[:1], None, None, shifts, weights, gen(), n_points=3)),
+            fn(feats, codes, {"aug": (feats_aug, codes_aug), "knn": (feats_aug.flip(0), codes_aug.flip(0))},
+               shifts, weights, gen(), n_points=3, n_negatives=2),
+            fn(feats[:1], codes[:1], {}, shifts, weights, gen(), n_points=3)),
         "feature_similarity_losses": lambda fn: fn(codes, probs, image, 0.5, 2.0, 0.3),
+        "feature_correlation_losses": lambda fn: fn(codes, probs, image, 0.5, 2.0, 0.3),
+        "pair_weights": lambda fn: fn(codes, image, 2.0, 0.3),
+        "balance_regulariser": lambda fn: fn(probs.flatten(2).transpose(1, 2)),
     }
 
 

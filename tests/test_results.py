@@ -30,13 +30,15 @@ def scores(acc, miou, iou, matching=(0, 1)):
 
 def test_format_table_has_a_column_per_probe_before_and_after_the_crf():
     result = {"probes": {
-        "kmeans": {"before_crf": scores(0.5, 0.25, [0.5, float("nan")]), "after_crf": scores(0.75, 0.5, [0.5, 0.5])},
-        "centres": {"before_crf": scores(0.4, 0.2, [0.4, 0.0]), "after_crf": None}}}
+        "kmeans": {"before_crf": scores(0.5, 0.25, [0.5, float("nan")]), "after_crf": scores(0.75, 0.5, [0.5, 0.5]),
+                   "clusters_used": 2},
+        "centres": {"before_crf": scores(0.4, 0.2, [0.4, 0.0]), "after_crf": None, "clusters_used": 1}}}
     table = results.format_table(result, ["road", "sky"])
     lines = table.splitlines()
     assert lines[0].split() == ["class", "kmeans", "kmeans+CRF", "centres", "centres+CRF"]
-    assert lines[-2].split() == ["Acc", "50.0", "75.0", "40.0", "-"]
-    assert lines[-1].split() == ["mIoU", "25.0", "50.0", "20.0", "-"]
+    assert lines[-3].split() == ["Acc", "50.0", "75.0", "40.0", "-"]
+    assert lines[-2].split() == ["mIoU", "25.0", "50.0", "20.0", "-"]
+    assert lines[-1].split() == ["clusters", "2", "1"]  # how many of the K clusters each probe predicts
     assert lines[3].split() == ["sky", "-", "50.0", "0.0", "-"]
 
 

@@ -28,9 +28,11 @@ def test_camvid_pipeline_trains_evaluates_and_prints_every_table(tmp_path):
     printed = run_script("camvid_pipeline.py", "--root", str(root), "--out", str(out), "--steps", "2",
                          "--batch-size", "2", "--seeds", "1", "--kmeans-seeds", "1", "--kmeans-restarts", "1",
                          "--val-frames", "3", "--fit-frames", "3", "--train-frames", "6", "--alphas", "0,0.5",
-                         "--affinities", "local", "--crop", "64", "--workers", "1", "--quiet",
+                         "--affinities", "local", "--crop", "64", "--workers", "1", "--quiet", "--study-alphas", "0",
+                         "--knn", "2", "--calibrate-images", "4", "--grad-every", "1",
                          "--candidates", "keep-scale+soft,crf-first+likelihood,printed+hard,keep-scale+likelihood@0.25")
-    for heading in ("Raw-feature baseline", "Alpha sweep", "Eval-time fusion", "Per-class IoU"):
+    for heading in ("Raw-feature baseline", "Alpha sweep", "Training: the gradient", "Shifts used", "Eval-time fusion",
+                    "Per-class IoU"):
         assert heading in printed, heading
     for unary in ("keep-scale+soft [local]", "crf-first+likelihood [local]", "printed+hard [local]",
                   "keep-scale+likelihood@0.25 [local]"):

@@ -10,6 +10,7 @@ spy on the calls of one step and of the evaluation and check what each one recei
 import copy
 import functools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -23,14 +24,16 @@ import evaluate
 import fcm
 import il2vseg
 import losses
+import pairs
 
 # The numbers as the paper and ../shared/docs/anchors.md give them (not read from the code).
 SMOOSEG_TEMPERATURE = 0.1          # "P = softmax(inner_global / 0.1)"
 CITYSCAPES_SMOOSEG = (-0.02, 0.5)  # "cityscapes b_far 0.5, b_close -0.02": (close, far)
-# "cityscapes weights .906/.577/1.0, shifts .314/.175/.458" in the order w_ni, w_pi, w_pa
-CITYSCAPES_STEGO_WEIGHTS = {"neg_inter": 0.906, "pos_inter": 0.577, "pos_intra": 1.0}
-CITYSCAPES_STEGO_SHIFTS = {"neg_inter": 0.314, "pos_inter": 0.175, "pos_intra": 0.458}
-K, B, CROP = 3, 4, 32
+# "cityscapes weights .906/.577/1.0, shifts .314/.175/.458" in the order w_ni, w_pi, w_pa (STEGO's
+# Cityscapes configuration, the published values --shifts published takes); the jittered pair takes pos_intra's
+CITYSCAPES_STEGO_WEIGHTS = {"neg_inter": 0.906, "pos_inter": 0.577, "pos_intra": 1.0, "aug": 1.0}
+CITYSCAPES_STEGO_SHIFTS = {"neg_inter": 0.314, "pos_inter": 0.175, "pos_intra": 0.458, "aug": 0.458}
+K, B, CROP, N_ITEMS, KNN = 3, 4, 32, 6, 2
 
 
 class StandIn(nn.Module):
@@ -53,15 +56,32 @@ def settings(tmp_path, *extra):
     cfg = cli.parse_args(["--data", "cityscapes", "--weights", "random", "--out", str(tmp_path), "--crop", str(CROP),
                               "--batch-size", str(B), "--steps", "1", "--save-every", "1", "--fcm-iters", "4",
                               "--dim", "8", "--dropout", "0", "--beta", "0.3", "--gamma", "0.7", "--alpha", "0.6",
-                              "--ema", "0.9", "--lr-head", "0.01", "--lr-centres", "0.02", "--seed", "5", *extra])
+                              "--ema", "0.9", "--lr-head", "0.01", "--lr-centres", "0.02", "--seed", "5",
+                              "--shifts", "published", "--knn", str(KNN), *extra])
     return cli.resolve_defaults(cfg, torch.device("cpu"))
 
 
-def batch_of_step_one(dataset, cfg):
-    """The images train() sees at its first step, drawn independently of the loader."""
+def nearest_neighbours(backbone, dataset):
+    """STEGO's kNN by its definition: the spatial mean of F^p, L2-normalised, the KNN most similar other
+    images by cosine, written out (and compared with pairs.py's blocked top-k in test_pairs.py)."""
+    with torch.no_grad():
+        descriptors = [F.normalize(backbone(backbones.normalize(dataset[i]["image"][None])).mean((2, 3)), dim=1)[0]
+                       for i in range(len(dataset))]
+    neighbours = []
+    for i, d in enumerate(descriptors):
+        others = sorted((j for j in range(len(dataset)) if j != i), key=lambda j: -float(d @ descriptors[j]))
+        neighbours.append(others[:KNN])
+    return neighbours
+
+
+def batch_of_step_one(dataset, cfg, neighbours):
+    """The images train() sees at its first step and each one's kNN partner, drawn independently of the
+    loader: step 0's partner of item i is its neighbour number rng([seed, 0, i]).integers(KNN)."""
     (indices,) = il2vseg.Batches(len(dataset), cfg.batch_size, cfg.seed, 0, 1)
     dataset.set_epoch(0)
-    return torch.stack([dataset[i]["image"] for _, i in indices])
+    partners = [neighbours[i][np.random.default_rng([cfg.seed, 0, i]).integers(KNN)] for _, _, i in indices]
+    return (torch.stack([dataset[i]["image"] for _, _, i in indices]),
+            torch.stack([dataset[j]["image"] for j in partners]))
 
 
 def aligned(f_low, f_seg):
@@ -69,7 +89,7 @@ def aligned(f_low, f_seg):
     return il2vseg.align_clusters(f_low, f_seg)
 
 
-def expected_step(backbone, model, images, cfg):
+def expected_step(backbone, model, images, partners, cfg):
     """One step of eq (15) composed from the public functions and the literal numbers above; returns
     (terms, total, gradients by parameter, local and global centres after Adam and the EMA)."""
     model = copy.deepcopy(model)
@@ -81,13 +101,15 @@ def expected_step(backbone, model, images, cfg):
     with torch.no_grad():
         feats = backbone(backbones.normalize(images))  # F^p
         feats_aug = backbone(backbones.normalize(images_aug))
-    codes, codes_aug = model.head(torch.cat([feats, feats_aug])).split(B)  # F^c
+        feats_knn = backbone(backbones.normalize(partners))
+    codes, codes_aug, codes_knn = model.head(torch.cat([feats, feats_aug, feats_knn])).split(B)  # F^c
     f_seg = il2vseg.cosine_to_centres(codes, model.global_centres)  # eq (2)
     terms = {"data": losses.data_loss(il2vseg.cosine_to_centres(codes.detach(), model.local_centres), f_seg)}
     perm = losses.derangement(B, generator=generator)
     probs = torch.softmax(f_seg / SMOOSEG_TEMPERATURE, dim=1)
     terms["smo"] = losses.smoothness_loss(feats, probs, *CITYSCAPES_SMOOSEG, perm=perm)
-    terms["corr"] = losses.correspondence_terms(feats, codes, feats_aug, codes_aug, CITYSCAPES_STEGO_SHIFTS,
+    pairs_of_corr = {"aug": (feats_aug, codes_aug), "knn": (feats_knn, codes_knn)}
+    terms["corr"] = losses.correspondence_terms(feats, codes, pairs_of_corr, CITYSCAPES_STEGO_SHIFTS,
                                                 CITYSCAPES_STEGO_WEIGHTS, generator=generator)["corr"]
     fused = (1 - 0.6) * f_seg + 0.6 * aligned(f_low, f_seg)  # eq (13), alpha 0.6
     small = F.interpolate(images, size=(CROP // 8, CROP // 8), mode="bilinear", align_corners=False)
@@ -108,9 +130,11 @@ def one_step(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("wiring")
     cfg = settings(tmp_path)
     backbone = StandIn().eval().requires_grad_(False)
-    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=CROP, seed=cfg.seed, length=B)
+    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=CROP, seed=cfg.seed,
+                                 length=N_ITEMS)
     model = il2vseg.build_model(cfg, backbone, K, "cpu")
-    expected = expected_step(backbone, model, batch_of_step_one(dataset, cfg), cfg)
+    expected = expected_step(backbone, model, *batch_of_step_one(dataset, cfg, nearest_neighbours(backbone, dataset)),
+                             cfg)
     history = il2vseg.train(backbone, model, dataset, cfg, torch.device("cpu"), log=lambda *a: None)
     state = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")
     return history[0], state, model, expected
@@ -163,7 +187,8 @@ def step_inputs(tmp_path, *extra):
     cfg = settings(tmp_path, *extra)
     backbone = StandIn().eval().requires_grad_(False)
     dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=CROP, seed=0, length=B)
-    return cfg, backbone, il2vseg.build_model(cfg, backbone, K, "cpu"), batch_of_step_one(dataset, cfg)
+    images = torch.stack([dataset[i]["image"] for i in range(B)])
+    return cfg, backbone, il2vseg.build_model(cfg, backbone, K, "cpu"), images
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6])
@@ -183,17 +208,26 @@ def test_eq14_sees_the_low_level_cue_exactly_when_alpha_is_positive(tmp_path, mo
     torch.testing.assert_close(small_1, F.interpolate(images, size=(4, 4), mode="bilinear", align_corners=False))
 
 
-def test_the_correspondence_pair_is_the_image_and_its_jittered_copy(tmp_path, monkeypatch):
+def test_the_correspondence_pairs_are_the_jittered_copy_and_the_nearest_neighbour(tmp_path, monkeypatch):
     cfg, backbone, model, images = step_inputs(tmp_path)
+    partners = images.flip(0)
     spy = Spy(monkeypatch, losses, "correspondence_terms")
-    il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(3))
-    (feats, codes, feats_aug, codes_aug), kwargs = spy.calls[0]
+    il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(3), partners=partners)
+    (feats, codes, pairs_of_corr), kwargs = spy.calls[0]
     images_aug = data.photometric_augment(images, generator=torch.Generator().manual_seed(3))  # I~, drawn first
     assert not torch.equal(images_aug, images)
     torch.testing.assert_close(feats, backbones.features(backbone, images))
-    torch.testing.assert_close(feats_aug, backbones.features(backbone, images_aug))
-    assert not torch.allclose(feats, feats_aug) and not torch.allclose(codes, codes_aug)
+    torch.testing.assert_close(pairs_of_corr["aug"][0], backbones.features(backbone, images_aug))
+    torch.testing.assert_close(pairs_of_corr["knn"][0], backbones.features(backbone, partners))
+    model.eval()  # dropout off: the codes are the head's of those features
+    torch.testing.assert_close(pairs_of_corr["knn"][1], model(pairs_of_corr["knn"][0]), rtol=1e-5, atol=1e-6)
     assert kwargs["shifts"] == CITYSCAPES_STEGO_SHIFTS and kwargs["weights"] == CITYSCAPES_STEGO_WEIGHTS
+    for flag, missing in (("--no-aug", "aug"), ("--knn", "knn")):
+        cfg, backbone, model, images = step_inputs(tmp_path, *([flag] if flag == "--no-aug" else [flag, "0"]))
+        spy.calls.clear()
+        il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(3),
+                           partners=None if flag == "--knn" else partners)
+        assert missing not in spy.calls[0][0][2] and len(spy.calls[0][0][2]) == 1, flag
 
 
 def test_smoothness_and_data_terms_get_the_centres_smooseg_uses(tmp_path, monkeypatch):
@@ -240,21 +274,51 @@ def test_fusion_in_all_feeds_the_fused_scores_to_smoothness_and_data_terms(tmp_p
     torch.testing.assert_close(data_term.calls[0][0][1], fused)
 
 
-def test_the_loss_constants_of_each_data_set_reach_the_run(tmp_path):
-    """The shifts and weights resolve_defaults puts into the run, per data set and backbone."""
-    for name in ("cityscapes", "cocostuff", "potsdam", "camvid"):
-        cfg = cli.parse_args(["--data", name, "--out", str(tmp_path)])
-        cli.resolve_defaults(cfg, torch.device("cpu"))
-        constants = losses.loss_constants(name, "vits8")
-        assert (cfg.shift_close, cfg.shift_far) == (constants["smooseg_shifts"]["close"],
-                                                    constants["smooseg_shifts"]["far"]), name
-        assert cfg.corr_shifts == constants["stego_shifts"] and cfg.corr_weights == constants["stego_weights"], name
-    cfg = cli.resolve_defaults(cli.parse_args(["--data", "cocostuff", "--arch", "resnet50-mocov2"]),
-                                   torch.device("cpu"))
-    assert cfg.corr_shifts == {"pos_intra": 0.32, "pos_inter": 0.36, "neg_inter": 0.26}  # STEGO's MoCo config
-    cfg = cli.resolve_defaults(cli.parse_args(["--data", "cityscapes"]), torch.device("cpu"))
-    assert (cfg.shift_close, cfg.shift_far) == CITYSCAPES_SMOOSEG
-    assert cfg.corr_shifts == CITYSCAPES_STEGO_SHIFTS and cfg.corr_weights == CITYSCAPES_STEGO_WEIGHTS
+MEASURED = {"close": 0.11, "far": 0.22, "pos_intra": 0.33, "pos_inter": 0.44, "aug": 0.55, "neg_inter": 0.66}
+
+
+@pytest.mark.parametrize("data_set, arch, shifts, smooseg_measured, stego_measured", [
+    ("cityscapes", "vits8", "auto", False, True),      # SmooSeg tuned Cityscapes for ViT-S/8, STEGO for ViT-B/8
+    ("cityscapes", "vitb8", "auto", True, False),
+    ("cocostuff", "vits8", "auto", False, False),      # both tuned COCO-Stuff for ViT-S/8
+    ("camvid", "vits8", "auto", True, True),           # nobody tuned CamVid
+    ("cocostuff", "vits8", "calibrate", True, True),
+    ("camvid", "vits8", "published", False, False)])
+def test_each_measured_or_published_shift_reaches_its_own_slot(tmp_path, monkeypatch, data_set, arch, shifts,
+                                                               smooseg_measured, stego_measured):
+    cfg = cli.resolve_defaults(cli.parse_args(["--data", data_set, "--arch", arch, "--shifts", shifts,
+                                               "--out", str(tmp_path)]), torch.device("cpu"))
+    monkeypatch.setattr(pairs, "calibrate", lambda *args, **kwargs: dict(MEASURED))
+    pairs.settle_shifts(cfg, None, None, None, torch.device("cpu"), log=lambda *a: None)
+    table = losses.loss_constants(data_set, arch)
+    expected_smooseg = ((MEASURED["close"], MEASURED["far"]) if smooseg_measured else
+                        (table["smooseg_shifts"]["close"], table["smooseg_shifts"]["far"]))
+    assert (cfg.shift_close, cfg.shift_far) == expected_smooseg
+    for name in ("pos_intra", "pos_inter", "neg_inter"):
+        assert cfg.corr_shifts[name] == (MEASURED[name] if stego_measured else table["stego_shifts"][name]), name
+    # the jittered pair has no published shift: measured unless --shifts published
+    assert cfg.corr_shifts["aug"] == (table["stego_shifts"]["aug"] if shifts == "published" else MEASURED["aug"])
+    assert cfg.corr_weights == table["stego_weights"]
+
+
+def test_the_settled_shifts_reach_the_losses_and_the_checkpoint_and_come_back_on_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(pairs, "calibrate", lambda *args, **kwargs: dict(MEASURED))
+    cfg = settings(tmp_path, "--shifts", "calibrate", "--steps", "2", "--save-every", "1")
+    backbone = StandIn().eval().requires_grad_(False)
+    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=CROP, length=N_ITEMS)
+    smo, corr = Spy(monkeypatch, losses, "smoothness_loss"), Spy(monkeypatch, losses, "correspondence_terms")
+    il2vseg.train(backbone, il2vseg.build_model(cfg, backbone, K, "cpu"), dataset, cfg, torch.device("cpu"),
+                  log=lambda *a: None)
+    assert smo.calls[0][0][2:4] == (0.11, 0.22)
+    assert corr.calls[0][1]["shifts"] == {k: MEASURED[k] for k in ("pos_intra", "pos_inter", "aug", "neg_inter")}
+    assert checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")["shifts"]["corr"]["aug"] == 0.55
+    monkeypatch.setattr(pairs, "calibrate", lambda *args, **kwargs: pytest.fail("a resumed run measured again"))
+    resumed = settings(tmp_path, "--shifts", "calibrate", "--steps", "3", "--save-every", "1")
+    resumed.resume = True
+    smo.calls.clear()
+    il2vseg.train(backbone, il2vseg.build_model(resumed, backbone, K, "cpu"), dataset, resumed, torch.device("cpu"),
+                  log=lambda *a: None)
+    assert smo.calls[0][0][2:4] == (0.11, 0.22) and resumed.corr_shifts["neg_inter"] == 0.66
 
 
 def test_the_loss_switches_reach_the_total(tmp_path, monkeypatch):
@@ -266,7 +330,7 @@ def test_the_loss_switches_reach_the_total(tmp_path, monkeypatch):
                       ("--no-corr", {"corr"}), ("--no-fs --no-reg", {"fs", "reg"})):
         cfg, backbone, model, images = step_inputs(tmp_path, *flag.split())
         spies = {name: Spy(monkeypatch, losses, name) for name in set(calls.values())}
-        total, terms = il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0))
+        total, terms, _ = il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0))
         for term in calls:
             assert (terms[term].item() == 0.0) is (term in off), (flag, term)
             if off >= {term for term, call in calls.items() if call == calls[term]}:
