@@ -45,7 +45,7 @@ class ProjectionHead(nn.Module):
     """h_theta: F^c = conv1x1(drop(F^p)) + conv1x1(SiLU(conv1x1(drop(F^p)))).
 
     "a linear convolution and two MLP nonlinear layers with SiLUs"; the sum of a linear and a nonlinear
-    branch and Dropout2d(0.2) follow SmooSeg, on which IL2Vseg builds.
+    branch and Dropout2d(0.2), a mask of its own for each branch, follow SmooSeg, on which IL2Vseg builds.
     """
 
     def __init__(self, in_dim=384, dim=64, dropout=0.2):
@@ -55,8 +55,7 @@ class ProjectionHead(nn.Module):
         self.nonlinear = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.SiLU(), nn.Conv2d(in_dim, dim, 1))
 
     def forward(self, feats):  # F^p (B, C1, h, w) -> F^c (B, C2, h, w)
-        feats = self.dropout(feats)
-        return self.linear(feats) + self.nonlinear(feats)
+        return self.linear(self.dropout(feats)) + self.nonlinear(self.dropout(feats))
 
 
 def cosine_to_centres(codes, centres):
@@ -176,7 +175,8 @@ def loss_terms(backbone, model, images, cfg, generator, low_level=None, partners
     smo = data_term = fs = reg = corr = zero
     if cfg.use_smo:
         probs = torch.softmax(scores / cfg.smooth_temperature, dim=1)          # SmooSeg's P
-        smo = losses.smoothness_loss(feats, probs, cfg.shift_close, cfg.shift_far, perm=perm)
+        signal = model.head.dropout(feats)                                     # SmooSeg's fd: after a dropout of its own
+        smo = losses.smoothness_loss(signal, probs, cfg.shift_close, cfg.shift_far, perm=perm)
         data_term = losses.data_loss(inner_local, scores)                     # SmooSeg's data term
     if cfg.use_corr:
         pair = {"aug": (feats_aug, codes_aug)} if cfg.use_aug else {}          # the paper's I with I~

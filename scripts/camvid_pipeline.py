@@ -584,16 +584,13 @@ def main(argv=None):
     variants += [(a, alpha, a) for a in affinities for alpha in alphas if alpha > 0]
     jobs = [(seed, label, alpha, affinity) for seed in range(args.seeds) for label, alpha, affinity in variants]
     train_set = cached_train_set(args, 0)  # decode the train frames once, before forking
-    calibration = {}
-    if args.shifts != "published":  # measured once on seed 0's training set, reused by every run (pairs.calibrate)
-        cfg = run_settings(args, 0, 0.0, affinities[0], Path(tempfile.mkdtemp(prefix="camvid_calibration_")))
-        neighbours = pairs.neighbours_for_run(cfg, backbone, train_set, torch.device("cpu"), say) if args.knn else None
+    # the same frames and backbone for every run: the neighbours and the measured shifts are computed once
+    cfg = run_settings(args, 0, 0.0, affinities[0], Path(tempfile.mkdtemp(prefix="camvid_shared_")))
+    neighbours = pairs.neighbours_for_run(cfg, backbone, train_set, torch.device("cpu"), say) if args.knn else None
+    pairs.neighbours_for_run = lambda *a, **k: neighbours
+    if args.shifts != "published":  # measured on seed 0's training set, reused by every run (pairs.calibrate)
         calibration = pairs.calibrate(cfg, backbone, train_set, neighbours, torch.device("cpu"), say)
         pairs.calibrate = lambda *a, **k: dict(calibration)
-    if args.knn:  # the same frames and backbone for every run: the neighbours too (pairs.neighbours_for_run)
-        cfg = run_settings(args, 0, 0.0, affinities[0], Path(tempfile.mkdtemp(prefix="camvid_neighbours_")))
-        shared = pairs.neighbours_for_run(cfg, backbone, train_set, torch.device("cpu"), lambda *a: None)
-        pairs.neighbours_for_run = lambda *a, **k: shared
     CTX.update(args=args, backbone=backbone, val=(val_f, val_ff, val_images, val_labels), fit=(fit_f, fit_ff),
                lows=lows, workdir=Path(tempfile.mkdtemp(prefix="camvid_pipeline_")), study=(study_alphas, candidates),
                affinities=affinities)

@@ -249,6 +249,20 @@ def test_smoothness_and_data_terms_get_the_centres_smooseg_uses(tmp_path, monkey
     torch.testing.assert_close(inner_local, il2vseg.cosine_to_centres(codes, model.local_centres))
 
 
+def test_dropout_as_smooseg_draws_it_a_mask_per_branch_and_one_for_the_smoothness_features(tmp_path, monkeypatch):
+    cfg, backbone, model, images = step_inputs(tmp_path, "--dropout", "0.5")
+    model = il2vseg.build_model(cfg, backbone, K, "cpu").train()
+    smo = Spy(monkeypatch, losses, "smoothness_loss")
+    masks = []
+    real = model.head.dropout.forward
+    model.head.dropout.forward = lambda x: masks.append(real(torch.ones_like(x))) or masks[-1] * x
+    il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0))
+    feats = backbones.features(backbone, images)
+    assert len(masks) == 3  # the linear branch, the nonlinear branch, L_smo's features: three masks
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    torch.testing.assert_close(smo.calls[0][0][0], masks[2] * feats)  # L_smo's fd from the dropped-out features
+
+
 def test_the_align_switch_reaches_eq13(tmp_path, monkeypatch):
     cue = torch.softmax(torch.randn(B, K, 4, 4, generator=torch.Generator().manual_seed(1)) * 3, dim=1)
     for align in ("soft", "hard"):
