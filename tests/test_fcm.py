@@ -4,6 +4,7 @@ removes isolated noise, F_l = A P). Each test names the one-line mistake it is t
 
 import functools
 import inspect
+import itertools
 import math
 
 import pytest
@@ -268,10 +269,11 @@ def test_colour_affinity_eqs9_11(sigma):              # catches sigma for sigma^
     A = fcm.colour_affinity(x, sigma)
     torch.testing.assert_close(A, ref_affinity(x, sigma), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(fcm.colour_affinity(x.float(), sigma), A.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(A.diagonal(dim1=1, dim2=2), torch.ones(2, 12, dtype=torch.float64))  # a_jj = 1
     far = torch.zeros(1, 3, 1, 2)
     far[..., 1] = 0.8                                  # d^2 = 1.92: exp(-96) = 2e-42 is subnormal: raised
-    for A in (fcm.colour_affinity(far, 0.1), fcm.local_colour_affinity(far, 0.1, 1)):
-        assert (A[A > 0] >= torch.finfo(A.dtype).tiny).all() and A.min() < 1e-37
+    A = fcm.colour_affinity(far, 0.1)
+    assert (A >= torch.finfo(A.dtype).tiny).all() and A.min() < 1e-37
 
 
 def test_feature_boost_eq12_rows_normalised():        # catches A^T P / unnormalised rows / P A
@@ -318,6 +320,44 @@ def test_spatial_fcm_matches_loop_iteration():        # catches J after the upda
         torch.testing.assert_close(P, P_ref, rtol=1e-9, atol=1e-12)
 
 
+def ref_kmeans_plus_plus(points, k, seed):
+    """D^2 sampling over points (N, C), float64, from the module's draws (K uniforms of a seeded CPU
+    generator): point = the first whose running sum of weights reaches u * total (weights 1 for the
+    first draw, then the squared distance to the nearest centre so far)."""
+    uniforms = torch.rand(1, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)[0].tolist()
+    points = [[float(v) for v in p] for p in points]
+    weights, chosen = [1.0] * len(points), []
+    for u in uniforms:
+        sums = list(itertools.accumulate(weights))
+        chosen.append(points[sum(1 for value in sums if value < u * sums[-1])])
+        distances = [dist2(p, chosen[-1]) for p in points]
+        weights = distances if len(chosen) == 1 else [min(a, b) for a, b in zip(weights, distances)]
+    return torch.tensor(chosen, dtype=torch.float64)
+
+
+def test_initial_centres_kmeans_plus_plus_matches_loop():   # catches D instead of D^2 / min left out
+    x = random_grid((2, 3, 6, 6))
+    for seed in (0, 3):
+        centres = fcm.initial_centres(x, 5, seed=seed)
+        for b in range(2):
+            torch.testing.assert_close(centres[b], ref_kmeans_plus_plus(x[b].flatten(1).T, 5, seed), rtol=0, atol=0)
+
+
+def test_initial_centres_on_unit_vectors_is_the_per_image_draw():   # catches a (B, C, h, w)-only flatten
+    # evaluate.py's cosine k-means++: points (M, D) unit rows passed as (1, D, M)
+    points = torch.nn.functional.normalize(torch.randn(500, 16, generator=torch.Generator().manual_seed(1),
+                                                       dtype=torch.float64), dim=1)
+    centres = fcm.initial_centres(points.T[None], 9, 4)[0]                     # (k, D)
+    assert centres.shape == (9, 16) and len({tuple(c.tolist()) for c in centres}) == 9
+    assert all((points == c).all(dim=1).any() for c in centres)                 # k distinct input points
+    torch.testing.assert_close(centres, ref_kmeans_plus_plus(points, 9, 4), rtol=0, atol=0)
+    assert torch.equal(centres, fcm.initial_centres(points.T.contiguous()[None], 9, 4)[0])   # a view or not
+    assert torch.equal(centres, fcm.initial_centres(points.T[None], 9, 4)[0])   # same seed, same draw
+    x = random_grid((3, 3, 5, 4), seed=2)                                       # the FCM's own grids:
+    for b in range(3):                                                          # (1, C, N) = image b of (B, C, h, w)
+        assert torch.equal(fcm.initial_centres(x[b:b + 1].flatten(2), 4, 7), fcm.initial_centres(x, 4, 7)[b:b + 1])
+
+
 def test_initial_centres_pick_distinct_pixels():      # catches D instead of D^2 sampling drawing a taken pixel
     x = random_grid((2, 3, 6, 6))
     pixels = x.flatten(2).transpose(1, 2)
@@ -347,7 +387,7 @@ PASTE_CALLS = {
     "spatial_membership": lambda f: f(U3, U3 + 0.5),
     "update_centres": lambda f: f(X, U3, 2.5, previous=C3),
     "cluster_probability": lambda f: f(U3 * 2),
-    "initial_centres": lambda f: torch.cat([f(X, 3, seed=2), f(X, 3, seed=2, init="random")]),
+    "initial_centres": lambda f: [f(X, 3, seed=2), f(X, 3, seed=2, init="random"), f(X.flatten(2)[:1], 4, seed=1)],
     "spatial_fcm": lambda f: f(X, 3, max_iter=4, seed=1),
     "colour_affinity": lambda f: f(X, 0.2),
     "feature_boost": lambda f: f(fcm.colour_affinity(X, 0.2), U3),
@@ -430,13 +470,15 @@ def test_low_level_cue_composes_the_equations():      # catches P used for x / t
     P = fcm.spatial_fcm(x, 4)[0]
     for affinity, expected in (("global", fcm.feature_boost(fcm.colour_affinity(x, 0.2), P)),
                                ("local", fcm.local_feature_boost(fcm.local_colour_affinity(x, 0.2, 2), P)),
-                               ("none", P), (True, fcm.feature_boost(fcm.colour_affinity(x, 0.2), P)), (False, P)):
+                               ("none", P)):
         cue = fcm.low_level_cue(images, 4, sigma=0.2, affinity=affinity, radius=2)
         assert cue.shape == (2, 4, 6, 5) and cue.dtype == torch.float64
         torch.testing.assert_close(cue, expected, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(cue.sum(dim=1), torch.ones(2, 6, 5, dtype=torch.float64))
         torch.testing.assert_close(fcm.low_level_cue(images.float(), 4, sigma=0.2, affinity=affinity, radius=2),
                                    cue.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fcm.low_level_cue(images, 4, sigma=0.2, radius=2),   # catches a default other
+                               fcm.low_level_cue(images, 4, sigma=0.2, affinity="local", radius=2))  # than the CLI's
 
 
 class LargestTensor(TorchDispatchMode):
@@ -460,15 +502,16 @@ def test_affinity_memory_is_bounded():                # catches a batched N x N 
 
 def test_low_level_cue_shapes_grid_size_and_autocast():
     images = random_grid((3, 3, 32, 48), seed=6).float()
-    shapes = [fcm.low_level_cue(images, 7, **grid).shape[2:] for grid in ({}, {"patch": 4}, {"size": (5, 3)})]
+    cue = functools.partial(fcm.low_level_cue, affinity="global")
+    shapes = [cue(images, 7, **grid).shape[2:] for grid in ({}, {"patch": 4}, {"size": (5, 3)})]
     assert shapes == [(4, 6), (8, 12), (5, 3)]
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # catches autocast left on (bf16 matmuls)
-        under_autocast = fcm.low_level_cue(images, 7)
+        under_autocast = cue(images, 7)
     assert under_autocast.dtype == torch.float32
-    torch.testing.assert_close(under_autocast, fcm.low_level_cue(images, 7))
-    half = fcm.low_level_cue(images.bfloat16(), 7)
+    torch.testing.assert_close(under_autocast, cue(images, 7))
+    half = cue(images.bfloat16(), 7)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
-    assert not fcm.low_level_cue(images.requires_grad_(), 3).requires_grad
+    assert not cue(images.requires_grad_(), 3).requires_grad
 
 
 def test_deterministic_under_seed():                  # catches draws from the global RNG
@@ -530,9 +573,10 @@ def test_low_level_cue_of_an_image_does_not_depend_on_the_batch():
             torch.testing.assert_close(second[2:], alone, rtol=1e-12, atol=1e-12)
 
 
-def test_torch_compile_traces_and_matches_eager():   # catches a data-dependent branch in the loop
+@pytest.mark.parametrize("affinity", ["local", "global"])
+def test_torch_compile_traces_and_matches_eager(affinity):   # catches a data-dependent branch in the loop
     images = random_grid((2, 3, 24, 16), seed=3).float()
-    cue = functools.partial(fcm.low_level_cue, n_clusters=3, max_iter=2, early_exit=False)
+    cue = functools.partial(fcm.low_level_cue, n_clusters=3, max_iter=2, early_exit=False, affinity=affinity)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(cue)(images)
     assert explained.graph_break_count <= 8           # the checks and the seeded CPU draws only
@@ -542,7 +586,7 @@ def test_torch_compile_traces_and_matches_eager():   # catches a data-dependent 
 
 
 # ----------------------------------------------------------------------------------------------
-# Degenerate inputs give finite results; bad inputs a one-line ValueError
+# Degenerate inputs give finite results; bad inputs to the branch a one-line ValueError
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spatial", [False, True])
@@ -566,41 +610,20 @@ def test_degenerate_inputs_give_finite_results(spatial):
             torch.testing.assert_close(cue.sum(dim=1), torch.ones(images.shape[0], *cue.shape[2:]))
 
 
-def test_bad_inputs_raise_one_line_value_error():
-    x, U = torch.rand(1, 3, 4, 4), torch.full((1, 2, 4, 4), 0.5)
-    nan_x = x.clone()
-    nan_x[0, 0, 0, 0] = float("nan")
+def test_low_level_cue_checks_its_input_in_one_line():   # the branch's boundary: images and affinity
     ok = torch.rand(1, 3, 16, 16)
+    one_nan, one_inf = ok.clone(), ok.clone()
+    one_nan[0, 1, 2, 3], one_inf[0, 0, 5, 5] = float("nan"), float("inf")
     calls = [
-        lambda: fcm.spatial_fcm(x[0], 2),                        # 3-D
-        lambda: fcm.spatial_fcm(x.numpy(), 2),                   # not a tensor
-        lambda: fcm.spatial_fcm(torch.zeros(1, 3, 0, 4), 2),     # empty
-        lambda: fcm.spatial_fcm((x * 255).long(), 2),            # integer dtype
-        lambda: fcm.spatial_fcm(nan_x, 2),                       # NaN
-        lambda: fcm.spatial_fcm(x, 0),                           # K < 1
-        lambda: fcm.spatial_fcm(x, 2.5),                         # K not an integer
-        lambda: fcm.spatial_fcm(x, 2, m=1.0), lambda: fcm.spatial_fcm(x, 2, m=float("inf")),
-        lambda: fcm.spatial_fcm(x, 2, max_iter=0), lambda: fcm.spatial_fcm(x, 2, tol=-1.0),
-        lambda: fcm.spatial_fcm(x, 2, init="kmeans"),
-        lambda: fcm.squared_distance(x, torch.rand(1, 2, 4)),    # centres with wrong C
-        lambda: fcm.squared_distance(x, torch.rand(2, 2, 3)),    # centres with wrong B
-        lambda: fcm.fuzzy_membership(U, 0.5),
-        lambda: fcm.fcm_objective(U, torch.ones(1, 3, 4, 4)),    # K mismatch
-        lambda: fcm.update_centres(x, torch.full((1, 2, 3, 4), 0.5)),   # h mismatch
-        lambda: fcm.spatial_membership(U, torch.ones(1, 2, 4, 3)),
-        lambda: fcm.spatial_information(U[0]),
-        lambda: fcm.colour_affinity(x, 0.0), lambda: fcm.colour_affinity(x, float("nan")),
-        lambda: fcm.feature_boost(torch.rand(1, 15, 16), U),
-        lambda: fcm.local_colour_affinity(x, 0.1, radius=-1),
-        lambda: fcm.local_feature_boost(torch.rand(1, 8, 4, 4), U),   # not (2r+1)^2 offsets
-        lambda: fcm.downsample(x, patch=8),                      # image smaller than a patch
-        lambda: fcm.downsample(x, size=(0, 2)),
         lambda: fcm.low_level_cue(ok * 255, 3),                  # 0..255 input
         lambda: fcm.low_level_cue(torch.randn(1, 3, 16, 16), 3),  # ImageNet-normalised
-        lambda: fcm.low_level_cue(torch.full((1, 3, 16, 16), float("nan")), 3),
-        lambda: fcm.low_level_cue(ok, 3, sigma=-1.0), lambda: fcm.low_level_cue(ok, 3, patch=0),
-        lambda: fcm.low_level_cue(ok, 0), lambda: fcm.low_level_cue(ok, 3, size=(4,)),
-        lambda: fcm.low_level_cue(ok, 3, affinity="locale"), lambda: fcm.low_level_cue(ok, 3, radius=1.5),
+        lambda: fcm.low_level_cue(one_nan, 3), lambda: fcm.low_level_cue(one_inf, 3),
+        lambda: fcm.low_level_cue(ok[0], 3),                     # 3-D
+        lambda: fcm.low_level_cue(ok.numpy(), 3),                # not a tensor
+        lambda: fcm.low_level_cue((ok * 255).byte(), 3),         # integer dtype
+        lambda: fcm.low_level_cue(torch.zeros(1, 3, 0, 16), 3),  # empty
+        lambda: fcm.low_level_cue(ok, 3, affinity="locale"),
+        lambda: fcm.low_level_cue(ok, 3, affinity=True),         # the old boolean spelling is gone
     ]
     for index, call in enumerate(calls):
         with pytest.raises(ValueError) as info:
