@@ -31,6 +31,7 @@ fractions in [0, 1]; mIoU is the mean over classes whose union is non-empty (STE
 `python evaluate.py CHECKPOINT [options]` runs `python il2vseg.py --eval --checkpoint CHECKPOINT [options]`
 (in a new process: evaluation never imports the training script).
 """
+import math
 import os
 import sys
 from pathlib import Path
@@ -54,8 +55,8 @@ def kmeans_cosine(x, k, n_iter=10, batch_size=8192, seed=0, n_init=1, init_sampl
     """Cosine (spherical) mini-batch k-means (Sculley 2010 on the unit sphere), restarted n_init times.
 
     x (N, D) on any device (rows are L2-normalised here), k clusters, n_iter shuffled passes in mini-batches.
-    Seeding: k-means++ (fcm.initial_centres; for unit vectors |a - b|^2 = 2 (1 - cos)) on a random subsample
-    of init_sample points. Per mini-batch, centre c with n_c of its points, their mean m_c and running count
+    Seeding: greedy k-means++ with 2 + ln k trials, as scikit-learn (fcm.initial_centres; for unit vectors
+    |a - b|^2 = 2 (1 - cos)), on a random subsample of init_sample points. Per mini-batch, centre c with n_c of its points, their mean m_c and running count
     v_c: c <- normalise(c + n_c / v_c (m_c - c)); counts restart every pass; an empty centre is re-seeded at
     a random point (not after the last pass). The run with the lowest loss, mean(1 - cos) to the nearest
     centre, is kept (label-free, as scikit-learn's n_init). One seeded generator drives every draw.
@@ -70,7 +71,7 @@ def kmeans_cosine(x, k, n_iter=10, batch_size=8192, seed=0, n_init=1, init_sampl
     for run in range(n_init):
         sample = x[torch.randperm(n_points, device=device, generator=generator)[:max(min(init_sample, n_points), k)]]
         draw_seed = int(torch.randint(2**31 - 1, (1,), device=device, generator=generator))
-        centres = initial_centres(sample.T[None, :, :, None], k, seed=draw_seed)[0]               # k-means++ (k, D)
+        centres = initial_centres(sample.T[None], k, seed=draw_seed, trials=2 + int(math.log(k)))[0]  # (k, D)
         for pass_index in range(n_iter):
             order = torch.randperm(n_points, device=device, generator=generator)        # (N,)
             counts = torch.zeros(k, device=device)                                      # v_c of this pass

@@ -121,14 +121,15 @@ def cluster_probability(membership):
     return membership / membership.sum(dim=1, keepdim=True)                   # eq (8)  (B, K, h, w)
 
 
-def initial_centres(x, n_clusters, seed=0, init="kmeans++"):
+def initial_centres(x, n_clusters, seed=0, init="kmeans++", trials=1):
     """Initial centres (B, K, C) among the points of x (B, C, *spatial), seeded (not in the paper).
 
     Draws come from a CPU torch.Generator seeded by `seed`, the same for every image, so an image's
     centres depend on its own points and the seed only. "kmeans++": D^2 sampling (a uniform first
     point, then each with probability proportional to its squared distance to the nearest centre
     so far: a point on a centre is not drawn while another is left; for unit vectors (1, D, M) this
-    is cosine k-means++). "random": K distinct points (repeats once K > N).
+    is cosine k-means++). trials > 1: greedy k-means++ (as scikit-learn): each next centre is the best
+    of `trials` such draws, the one that lowers the summed D^2 most. "random": K distinct points.
     """
     points = x.flatten(2)                                                     # (B, C, N)
     B, C, N = points.shape
@@ -137,20 +138,23 @@ def initial_centres(x, n_clusters, seed=0, init="kmeans++"):
         order = torch.rand(1, N, generator=generator).argsort(dim=1)          # (1, N) a permutation
         index = order[:, torch.arange(n_clusters) % N].to(x.device).expand(B, n_clusters)  # (B, K)
         return points.gather(2, index[:, None].expand(B, C, n_clusters)).transpose(1, 2)  # (B, K, C)
-    uniforms = torch.rand(1, n_clusters, generator=generator, dtype=torch.float64)
-    uniforms = uniforms.to(device=x.device, dtype=x.dtype).expand(B, n_clusters)  # (B, K), one row for all
+    uniforms = torch.rand(1, n_clusters, trials, generator=generator, dtype=torch.float64)
+    uniforms = uniforms.to(device=x.device, dtype=x.dtype).expand(B, n_clusters, trials)  # one draw for all images
     cdf = torch.arange(1, N + 1, device=x.device, dtype=x.dtype).expand(B, N)  # first draw: uniform
     centres, nearest = [], None
     for k in range(n_clusters):                       # K sequential draws, each batched over images
+        tries = 1 if k == 0 else trials               # the first centre: one uniform draw
         if k > 0:
             cdf = nearest.cumsum(dim=1)                                       # D^2 cdf  (B, N)
-        target = uniforms[:, k:k + 1] * cdf[:, -1:]                           # (B, 1)
+        target = uniforms[:, k, :tries] * cdf[:, -1:]                         # (B, T)
         # the first index whose cdf reaches the target, counted (as searchsorted on the sorted cdf)
-        index = (cdf < target).sum(dim=1, keepdim=True)                       # (B, 1)
-        centre = points.gather(2, index[:, None].expand(B, C, 1))             # (B, C, 1)
-        centres.append(centre)
-        squared = (points - centre).square_().sum(dim=1)                      # (B, N)
-        nearest = squared if k == 0 else torch.minimum(nearest, squared)     # D^2 to the nearest centre
+        index = (cdf[:, None, :] < target[:, :, None]).sum(dim=2)             # (B, T)
+        candidates = points.gather(2, index[:, None].expand(B, C, tries))     # (B, C, T)
+        squared = (points[:, :, None] - candidates[..., None]).square_().sum(dim=1)  # (B, T, N)
+        potential = squared if k == 0 else torch.minimum(nearest[:, None], squared)  # D^2 with each candidate
+        best = potential.sum(dim=2).argmin(dim=1)                             # (B,) the greedy choice
+        centres.append(candidates.gather(2, best[:, None, None].expand(B, C, 1)))  # (B, C, 1)
+        nearest = potential.gather(1, best[:, None, None].expand(B, 1, N))[:, 0]  # D^2 to the nearest (B, N)
     return torch.cat(centres, dim=2).transpose(1, 2)                          # (B, K, C)
 
 

@@ -335,6 +335,35 @@ def ref_kmeans_plus_plus(points, k, seed):
     return torch.tensor(chosen, dtype=torch.float64)
 
 
+def ref_greedy_kmeans_plus_plus(points, k, seed, trials):
+    """Greedy k-means++ (scikit-learn's): the first centre as above, then for each next one `trials` D^2
+    draws, keeping the draw after which the summed D^2 is smallest; the draws (1, k, trials) in order."""
+    uniforms = torch.rand(1, k, trials, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)[0].tolist()
+    points = [[float(v) for v in p] for p in points]
+    weights, chosen = [1.0] * len(points), []
+    for step, draws in enumerate(uniforms):
+        sums = list(itertools.accumulate(weights))
+        best = None
+        for u in draws[:1] if step == 0 else draws:
+            candidate = points[sum(1 for value in sums if value < u * sums[-1])]
+            distances = [dist2(p, candidate) for p in points]
+            new = distances if step == 0 else [min(a, b) for a, b in zip(weights, distances)]
+            if best is None or sum(new) < sum(best[1]):
+                best = (candidate, new)
+        chosen.append(best[0])
+        weights = best[1]
+    return torch.tensor(chosen, dtype=torch.float64)
+
+
+def test_greedy_kmeans_plus_plus_matches_loop_and_one_trial_is_the_plain_draw():   # catches argmax for argmin
+    x = torch.rand(1, 3, 6, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    points = x.flatten(2)[0].T
+    for seed in (0, 1, 2):
+        got = fcm.initial_centres(x, 5, seed=seed, trials=3)[0]
+        torch.testing.assert_close(got, ref_greedy_kmeans_plus_plus(points, 5, seed, 3), rtol=0, atol=0)
+        assert torch.equal(fcm.initial_centres(x, 5, seed=seed, trials=1), fcm.initial_centres(x, 5, seed=seed))
+
+
 def test_initial_centres_kmeans_plus_plus_matches_loop():   # catches D instead of D^2 / min left out
     x = random_grid((2, 3, 6, 6))
     for seed in (0, 3):
