@@ -242,7 +242,7 @@ class Batches:
         self.n_items, self.batch_size, self.seed, self.start, self.n_steps = n_items, batch_size, seed, start, n_steps
 
     def __len__(self):
-        return self.n_steps - self.start
+        return max(0, self.n_steps - self.start)
 
     def __iter__(self):
         per_epoch, order = self.n_items // self.batch_size, None

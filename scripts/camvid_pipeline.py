@@ -105,6 +105,10 @@ def parse_args(argv=None):
     p.add_argument("--train-crop", choices=["centre", "random"], default="centre", help="il2vseg's --train-crop")
     p.add_argument("--resize", choices=["nearest", "bilinear"], default="nearest", help="il2vseg's --resize")
     p.add_argument("--beta", type=float, default=0.05, help="il2vseg's --beta")
+    for term in ("smo", "fs", "reg", "corr"):
+        p.add_argument(f"--no-{term}", dest=f"use_{term}", action="store_false", help=f"il2vseg's --no-{term}")
+    p.add_argument("--lr-head", type=float, default=1e-4, help="il2vseg's --lr-head")
+    p.add_argument("--lr-centres", type=float, default=5e-4, help="il2vseg's --lr-centres")
     p.add_argument("--gamma", type=float, default=0.1, help="il2vseg's --gamma")
     p.add_argument("--grad-every", type=int, default=20, help="record each term's gradient on the head every N steps")
     p.add_argument("--calibrate-images", type=int, default=256, help="il2vseg's --calibrate-images")
@@ -279,7 +283,9 @@ def run_settings(args, seed, alpha, affinity, workdir):
                      save_every=args.steps, log_every=args.grad_every, num_workers=0, resume=None, verbose=True,
                      knn=args.knn, use_aug=not args.no_aug, shifts=args.shifts, fs_reading=args.fs_reading,
                      five_crop=args.five_crop, train_crop=args.train_crop, resize=args.resize, beta=args.beta,
-                     gamma=args.gamma, data_root=args.root, calibrate_images=args.calibrate_images)
+                     gamma=args.gamma, data_root=args.root, calibrate_images=args.calibrate_images,
+                     use_smo=args.use_smo, use_fs=args.use_fs, use_reg=args.use_reg, use_corr=args.use_corr,
+                     lr_head=args.lr_head, lr_centres=args.lr_centres)
     return cfg
 
 
@@ -617,8 +623,9 @@ def main(argv=None):
     print(f"\n## CamVid pipeline, scored on {args.eval_split}, stand-in '{args.standin}' (fusion-in {args.fusion_in}, F^l scale {args.fl_scale}, "
           f"training alignment {args.align}, radius {args.radius}, sigma {args.fcm_sigma}, EMA "
           f"{args.ema if args.ema is not None else 0.998 ** (3000 / args.steps):.4f})\n")
-    print(f"{args.steps} steps x batch {args.batch_size}, crop {args.crop} (train random crop of {args.train_frames} "
-          f"frames resized to short side {args.crop}; eval centre crop), {len(val_images)} {args.eval_split} frames evenly spaced"
+    print(f"{args.steps} steps x batch {args.batch_size}, crop {args.crop} (training: {args.train_frames} frames"
+          f"{', five-crop' if args.five_crop else ''}, resized ({args.resize}) to short side {args.crop}, {args.train_crop} crop; "
+          f"eval centre crop), {len(val_images)} {args.eval_split} frames evenly spaced"
           f"{' (outside the k-means fit set)' if args.eval_split == 'train' else ''}, "
           f"k-means fit on {len(fit_images)} train frames, {args.seeds} training seeds x {args.kmeans_seeds} k-means "
           f"seeds; cells are mean ± std over training seeds (k-means: of the per-seed mean over k-means seeds); "
