@@ -450,7 +450,7 @@ def run(cfg, progress):
     """What `python il2vseg.py ...` does: data, backbone, train or load, evaluate, predict."""
     device = cli.settle(cfg)                                     # defaults and every flag checked
     datasets, predict_set = cli.build_datasets(cfg)              # every file checked before any weights load
-    trained = None if cfg.train or cfg.ablation else cli.trained_checkpoint(cfg, datasets)
+    trained = None if cfg.train or cfg.ablation or cfg.calibrate else cli.trained_checkpoint(cfg, datasets)
     with cli.output_folder(cfg):                                 # writable, locked, nothing overwritten
         backbone = backbones.load_backbone(cfg.arch, cfg.weights, seed=cfg.seed).to(device)
         if cfg.calibrate:
