@@ -329,7 +329,9 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
                 + f" | clusters: perplexity {values['perplexity']:.1f}, largest {values['largest']:.0%}"
                 + f" | {rate:.1f} img/s")
             if "grad" in values:
-                log("  gradient on the head: " + " ".join(f"{k} {v:.4f}" for k, v in values["grad"].items()))
+                log("  gradient norm on the head, weighted as in eq (15): " + " ".join(
+                    f"{k} {v:.4f}" for k, v in values["grad"].items() if k != "data")
+                    + " (SmooSeg's data term trains only the local centres)")
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoints.save_checkpoint(checkpoints.training_state(model, optimiser, step, generator, cfg), path)
             progress["saved"] = step
