@@ -214,6 +214,12 @@ def cluster_usage(f_seg):
     return {"perplexity": float(entropy.exp()), "largest": float(shares.max())}
 
 
+def collapsed_batch(usage, k):
+    """The collapse alarm's test: one cluster holds over 90 % of the batch's pixels, or the pixels spread
+    over fewer than a fifth of the K clusters (perplexity below K / 5: a few clusters share everything)."""
+    return usage["largest"] > 0.9 or usage["perplexity"] < k / 5
+
+
 def head_gradients(model, total, terms, cfg):
     """--verbose: the norm of the gradient each weighted term of eq (15) sends to the head (the data term
     trains only the local centres, so it sends none)."""
@@ -318,11 +324,11 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
         optimiser.step()
         ema_update(model.global_centres, model.local_centres, cfg.ema)
         history.append(values)
-        collapsed = collapsed + 1 if values["largest"] > 0.9 else 0
-        if collapsed == 20:  # once per collapse: one cluster above 90 % of the pixels for 20 steps in a row
-            log(f"WARNING: step {step}: the clusters collapse: one of the {model.local_centres.shape[0]} holds "
-                f"{values['largest']:.0%} of the batch's pixels for 20 steps in a row (perplexity "
-                f"{values['perplexity']:.1f}); the loss shifts may not fit this backbone: try --shifts calibrate")
+        collapsed = collapsed + 1 if collapsed_batch(values, model.local_centres.shape[0]) else 0
+        if collapsed == 20:  # once per collapse: 20 collapsed steps in a row
+            log(f"WARNING: step {step}: the clusters collapse: for 20 steps in a row the largest of the "
+                f"{model.local_centres.shape[0]} clusters held {values['largest']:.0%} of the batch's pixels "
+                f"(perplexity {values['perplexity']:.1f}); the loss shifts may not fit this backbone: try --shifts calibrate")
         if logged:
             rate = (step - start) * cfg.batch_size / max(time.time() - started, 1e-9)
             log(f"step {step}/{cfg.steps} | " + " ".join(f"{k} {values[k]:+.4f}" for k in (*terms, "total"))
@@ -416,16 +422,16 @@ def train_and_evaluate(cfg, backbone, device, datasets, log=print, progress=None
     log(f"training on {len(datasets[0])} {cfg.data} images: {cfg.steps} steps, batch {cfg.batch_size}, crop "
         f"{cfg.crop}, alpha {cfg.alpha}, beta {cfg.beta}, gamma {cfg.gamma}, device {device}")
     history = train(backbone, model, datasets[0], cfg, device, log, progress)
-    return model, run_evaluation(backbone, model, cfg, device, datasets, log, training_summary(history))
+    return model, run_evaluation(backbone, model, cfg, device, datasets, log, training_summary(history, model.local_centres.shape[0]))
 
 
-def training_summary(history):
-    """metrics.json's "training": the last step's loss terms and cluster usage, and how many steps one
-    cluster held more than 90 % of the batch's pixels."""
+def training_summary(history, k):
+    """metrics.json's "training": the last step's loss terms and cluster usage, and how many steps were
+    collapsed (collapsed_batch)."""
     if not history:
         return None
     last = {k: v for k, v in history[-1].items() if k != "grad"}
-    return {"steps_run": len(history), "last": last, "collapsed_steps": sum(v["largest"] > 0.9 for v in history)}
+    return {"steps_run": len(history), "last": last, "collapsed_steps": sum(collapsed_batch(v, k) for v in history)}
 
 
 def run_ablation(cfg, backbone, device, datasets, log=print):

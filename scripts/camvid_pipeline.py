@@ -302,7 +302,7 @@ def train_model(args, backbone, seed, alpha, affinity, workdir):
     grads = [h["grad"] for h in history if "grad" in h]
     return model, {"last": {k: v for k, v in history[-1].items() if k != "grad"}, "grads": grads,
                    "shifts": {"close": cfg.shift_close, "far": cfg.shift_far, **cfg.corr_shifts},
-                   "collapsed_steps": sum(h["largest"] > 0.9 for h in history)}
+                   "collapsed_steps": sum(il2vseg.collapsed_batch(h, K) for h in history)}
 
 
 # ----------------------------------------------------------------------------------------------

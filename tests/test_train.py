@@ -363,3 +363,25 @@ def test_eval_results_go_beside_the_checkpoint_by_default(tmp_path):
     (tmp_path / "exp" / "metrics.json").unlink()
     assert il2vseg.main(["--eval", "--checkpoint", str(tmp_path / "exp" / "checkpoint.pt")] + common) == 0
     assert (tmp_path / "exp" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("usage, collapsed", [
+    ({"largest": 0.95, "perplexity": 1.3}, True),    # one cluster holds almost everything
+    ({"largest": 0.54, "perplexity": 2.0}, True),    # two of 11 share everything (the published shifts on CamVid)
+    ({"largest": 0.26, "perplexity": 7.5}, False),   # a healthy CamVid batch
+    ({"largest": 0.60, "perplexity": 2.3}, False)])  # 3 classes: perplexity 2.3 of 3 is no collapse
+def test_the_collapse_alarm_counts_one_dominant_or_a_few_sharing_clusters(usage, collapsed):
+    k = 3 if usage["perplexity"] == 2.3 else 11
+    assert il2vseg.collapsed_batch(usage, k) is collapsed
+
+
+def test_a_collapse_is_one_warning_line_after_20_steps_and_counted_in_the_summary(tmp_path, monkeypatch):
+    monkeypatch.setattr(il2vseg, "cluster_usage", lambda f_seg: {"perplexity": 1.0, "largest": 1.0})
+    cfg = config(tmp_path, steps=21, save_every=100, knn=0, shifts="published")
+    backbone, lines = tiny_backbone(), []
+    model = il2vseg.build_model(cfg, backbone, 3, "cpu")
+    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, seed=0, length=8)
+    history = il2vseg.train(backbone, model, dataset, cfg, torch.device("cpu"), log=lines.append)
+    warnings = [line for line in lines if line.startswith("WARNING") and "collapse" in line]
+    assert len(warnings) == 1 and "step 20" in warnings[0]
+    assert il2vseg.training_summary(history, 3)["collapsed_steps"] == 21
