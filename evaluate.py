@@ -361,6 +361,10 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 1
     checkpoint, index = cfg.checkpoint_given[0], cfg.checkpoint_index
+    if not Path(checkpoint).is_file():  # named as typed: il2vseg.py would speak of --checkpoint
+        print(f"error: {checkpoint}: no such checkpoint (evaluate.py CHECKPOINT: train first, or give the "
+              f"path of one)", file=sys.stderr)
+        return 1
     script = Path(__file__).resolve().with_name("il2vseg.py")
     command = [sys.executable, str(script), "--eval", "--checkpoint", checkpoint, *argv[:index], *argv[index + 1:]]
     os.execv(sys.executable, command)

@@ -606,12 +606,18 @@ def test_conflicting_flags_and_edges_are_one_line_before_any_work(argv, fragment
     assert fragment in line and "RANDOMLY INITIALISED" not in printed
 
 
-def test_evaluate_py_finds_its_checkpoint_among_the_flags(monkeypatch, capsys):
+def test_evaluate_py_finds_its_checkpoint_among_the_flags(tmp_path, monkeypatch, capsys):
     import evaluate
     received = []
     monkeypatch.setattr(evaluate.os, "execv", lambda path, argv: received.append(argv[2:]))
+    monkeypatch.chdir(tmp_path)
+    Path("runs/x").mkdir(parents=True)
+    Path("runs/x/checkpoint.pt").write_bytes(b"")
     evaluate.main(["--data", "camvid", "--out", "x", "runs/x/checkpoint.pt", "--no-crf"])
     assert received == [["--eval", "--checkpoint", "runs/x/checkpoint.pt", "--data", "camvid", "--out", "x", "--no-crf"]]
+    assert evaluate.main(["--data", "camvid", "missing.pt"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: missing.pt: no such checkpoint (evaluate.py CHECKPOINT: "
+                                               "train first, or give the path of one)")
     assert evaluate.main(["A.pt", "--checkpoint", "B.pt"]) == 1
     assert capsys.readouterr().err.strip() == ("error: evaluate.py got two checkpoints, CHECKPOINT A.pt and "
                                                "--checkpoint B.pt: give one")
@@ -635,5 +641,4 @@ def test_sigterm_says_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
     assert il2vseg.main(["--train", "--out", str(tmp_path)]) == 143
     assert capsys.readouterr().err.strip() == (f"terminated (SIGTERM); the checkpoint of step 2 in "
                                                f"{tmp_path / 'checkpoint.pt'} is intact: continue with --resume")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or not callable(signal.getsignal(signal.SIGTERM)) \
-        or signal.getsignal(signal.SIGTERM) is not cli.terminate
+    assert signal.getsignal(signal.SIGTERM) is not cli.terminate  # the handler is put back
