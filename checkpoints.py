@@ -9,7 +9,11 @@ Nothing of the paper is here; il2vseg.py calls these so that its training loop s
   A full disk is one line ("no space left on device while writing PATH") and the temporary file is
   removed.
 - `load_checkpoint` refuses anything that is not a complete il2vseg checkpoint with one line naming
-  the file and the missing or broken entry (empty, truncated, foreign files, missing keys).
+  the file and the missing or broken entry (empty, truncated, foreign files, missing keys, a negative
+  step, an empty config). Before torch.load it checks every CRC-32 of the zip (`damaged_entry`): torch
+  does not, so bytes changed on the disk would otherwise load as other weights.
+- Temporary files are named NAME.PID.HEX.tmp; a later run in the same folder removes those a killed
+  save left behind (`remove_stale_temporaries`).
 - `OutputLock` keeps two runs out of one output folder (an OS file lock: released when the process
   ends, even by kill -9).
 - `check_output_folder` finds a read-only folder or a full disk before any work is done.
@@ -19,8 +23,10 @@ Nothing of the paper is here; il2vseg.py calls these so that its training loop s
 import errno
 import io
 import os
+import re
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 
 import torch
@@ -137,6 +143,10 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: no such checkpoint (train first, or point --checkpoint at one)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
+    damaged = damaged_entry(path)
+    if damaged:
+        raise CheckpointError(f"{path}: damaged: {damaged} (the file changed after it was written; "
+                              f"use another copy or train again)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupt, not a torch file, or a pickle of arbitrary objects
@@ -149,6 +159,10 @@ def load_checkpoint(path):
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
             raise CheckpointError(f"{path}: entry '{key}' is a {type(state[key]).__name__}, "
                                   f"expected a {kind.__name__}")
+    if state["step"] < 0:
+        raise CheckpointError(f"{path}: entry 'step' is {state['step']}, expected a step >= 0")
+    if not state["config"]:
+        raise CheckpointError(f"{path}: entry 'config' is empty: the settings it was trained with are unknown")
     for key in ("local_centres", "global_centres"):
         if key not in state["model"]:
             raise CheckpointError(f"{path}: not a complete il2vseg checkpoint (no model entry '{key}')")
@@ -162,6 +176,19 @@ def load_checkpoint(path):
     return state
 
 
+def damaged_entry(path):
+    """Why the zip at `path` is damaged ("entry NAME fails its CRC-32 check", ...), or None when every
+    entry's CRC-32 matches (or the file is not a zip: torch.load then says what it is)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every entry and compares its CRC-32
+    except Exception as error:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, OSError of a damaged file
+        return f"not a readable zip ({one_line(error)})"
+    return f"entry {bad} fails its CRC-32 check" if bad else None
+
+
 def restore(module, state, path):
     """module.load_state_dict(state) with a one-line error for a checkpoint of another configuration."""
     try:
@@ -173,21 +200,31 @@ def restore(module, state, path):
                               f"--dim or --arch?): {detail}") from None
 
 
-def check_resume(state, cfg, path, keys):
+def check_resume(state, cfg, path, keys, log=print):
     """A resumed run must share `keys` (settings that decide data, order, shapes, losses) with the run
-    that wrote the checkpoint; the first difference is one line."""
+    that wrote the checkpoint; the first difference is one line. Keys the checkpoint does not record
+    (written before the setting existed) are named in one note."""
     trained = state["config"]
     for key in keys:
-        if key in trained and trained[key] != getattr(cfg, key):
+        if key in trained and trained[key] != getattr(cfg, key, None):
+            if key == "train_files":  # not a flag: the files of the training split (data.files_fingerprint)
+                raise CheckpointError(f"{path} was trained on {trained[key]} of --train-split {cfg.train_split}, "
+                                      f"this run finds {cfg.train_files} (files added, removed or renamed in "
+                                      f"--data-root): resume needs the same files; train anew into another --out")
             raise CheckpointError(f"{path} was trained with --{key.replace('_', '-')} {trained[key]}, this run "
-                                  f"asks for {getattr(cfg, key)}: resume with the same setting")
+                                  f"asks for {getattr(cfg, key, None)}: resume with the same setting")
+    unknown = [key for key in keys if key not in trained]
+    if unknown:
+        log(f"note: {path} does not record {', '.join(unknown)} (written before they were saved): "
+            f"this run assumes they match")
 
 
 # settings a resumed run must share with its checkpoint (data, order, shapes, losses)
 RESUME_MUST_MATCH = ("data", "data_root", "train_split", "arch", "weights", "dim", "dropout", "batch_size", "crop",
                      "seed", "five_crop", "train_crop", "resize", "alpha", "beta", "gamma", "use_smo", "use_fs", "use_reg", "use_corr",
                      "lr_head", "lr_centres", "ema", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius",
-                     "fusion_in", "align", "smooth_temperature", "knn", "use_aug", "shifts", "fs_reading")
+                     "fusion_in", "align", "smooth_temperature", "knn", "use_aug", "shifts", "fs_reading",
+                     "train_files")
 
 
 def training_state(model, optimiser, step, generator, cfg):
@@ -205,13 +242,20 @@ def fresh_start(cfg):
     return 0
 
 
+def resumed_path(cfg):
+    """The checkpoint --resume continues: --resume PATH, or OUT/checkpoint.pt (None without --resume)."""
+    if not cfg.resume:
+        return None
+    return Path(cfg.resume) if isinstance(cfg.resume, str) else Path(cfg.out) / "checkpoint.pt"
+
+
 def resume(cfg, model, optimiser, generator, log=print):
     """--resume: model, Adam, every random state and the loss shifts the run settled on (pairs.settle_shifts)
     from OUT/checkpoint.pt (or --resume PATH), after checking that the run's settings match; returns the
     step to continue from."""
-    path = Path(cfg.resume) if isinstance(cfg.resume, str) else Path(cfg.out) / "checkpoint.pt"
+    path = resumed_path(cfg)
     state = load_checkpoint(path)
-    check_resume(state, cfg, path, RESUME_MUST_MATCH)
+    check_resume(state, cfg, path, RESUME_MUST_MATCH, log)
     restore(model, state["model"], path)
     restore(optimiser, state["optimiser"], path)
     use_own_implementation(optimiser)
@@ -287,6 +331,29 @@ def check_output_folder(folder, need_bytes=16 * 2**20):
     if free < need_bytes:
         raise CheckpointError(f"--out {folder}: only {free / 2**20:.1f} MiB free on its device, a checkpoint "
                               f"needs about {need_bytes / 2**20:.1f} MiB")
+
+
+STALE = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp$")  # write_atomic's temporary names: NAME.PID.HEX.tmp
+
+
+def remove_stale_temporaries(folder, log=print):
+    """Remove the temporary files (write_atomic's NAME.PID.HEX.tmp) that a save killed by kill -9 left in
+    `folder` and its subfolders. Call it holding the folder's OutputLock: no other run writes there."""
+    stale = [path for path in Path(folder).rglob("*.tmp") if STALE.search(path.name) and path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log(f"note: removed {len(stale)} temporary file(s) an interrupted save left in {folder} "
+            f"(e.g. {stale[0].name})")
+    return stale
+
+
+def first_free(folder, names):
+    """The smallest n >= 2 such that no NAME-n (stem-n.suffix) of `names` exists in `folder`."""
+    n = 2
+    while any((Path(folder) / f"{Path(name).stem}-{n}{Path(name).suffix}").exists() for name in names):
+        n += 1
+    return n
 
 
 class OutputLock:

@@ -41,9 +41,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+EVALUATE_PY = "--as-evaluate.py"  # evaluate.py's marker: the first argument is then its CHECKPOINT
+
+
 def parse_args(argv=None):
-    p = Parser(description="IL2Vseg: unsupervised semantic segmentation with low-level visual cues.",
-               formatter_class=DefaultsFormatter)
+    """The flags of il2vseg.py (and of evaluate.py: `python evaluate.py CHECKPOINT [flags]` = --eval
+    --checkpoint CHECKPOINT). cfg.typed lists the flags as typed, for `check_conflicts`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_evaluate = bool(argv) and argv[0] == EVALUATE_PY
+    if as_evaluate:
+        argv = ["--eval", *argv[1:]]
+    p = Parser(prog="evaluate.py" if as_evaluate else None, formatter_class=DefaultsFormatter,
+               description="IL2Vseg: unsupervised semantic segmentation with low-level visual cues.")
+    if as_evaluate:
+        p.add_argument("checkpoint_file", metavar="CHECKPOINT", help="the checkpoint to evaluate")
     a = p.add_argument_group("what to do")
     a.add_argument("--train", action="store_true", help="train the head and centres, then evaluate")
     a.add_argument("--eval", action="store_true", help="evaluate --checkpoint (or OUT/checkpoint.pt) on the val split")
@@ -55,7 +66,9 @@ def parse_args(argv=None):
                         "and .png, and stop (pairs.py)")
     a.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue training from OUT/checkpoint.pt (or PATH) with its optimiser, EMA and RNG state")
-    a.add_argument("--overwrite", action="store_true", help="let --train replace a checkpoint already in --out")
+    a.add_argument("--overwrite", action="store_true",
+                   help="let this run replace what an earlier run wrote in --out (its checkpoint.pt, metrics.json, "
+                        "pictures, predictions); without it, --train refuses and --eval / --predict write beside them")
     a.add_argument("--checkpoint", default=None, help="checkpoint for --eval / --predict (default: OUT/checkpoint.pt)")
     a.add_argument("--out", default=None, help="folder for checkpoint.pt, metrics.json and images (default: runs/DATA)")
     d = p.add_argument_group("data")
@@ -146,7 +159,41 @@ def parse_args(argv=None):
     p.set_defaults(**dict.fromkeys(FROM_CHECKPOINT))  # parsed again without defaults: which were typed
     given = p.parse_args(argv)
     cfg.explicit = tuple(key for key in FROM_CHECKPOINT if getattr(given, key) is not None)
+    cfg.typed, positional = typed_flags(p, argv)
+    if as_evaluate:  # CHECKPOINT is --checkpoint; both at once is a conflict (check_conflicts)
+        cfg.checkpoint_given = (cfg.checkpoint_file, cfg.checkpoint)
+        cfg.checkpoint_index = positional - 1  # in evaluate.py's own arguments (without the --eval above)
+        cfg.checkpoint = cfg.checkpoint if cfg.checkpoint is not None else cfg.checkpoint_file
+        del cfg.checkpoint_file
     return cfg
+
+
+def flag_of(parser, token):
+    """The action a command-line token names as argparse resolves it (abbreviations included), or None."""
+    name = token.split("=", 1)[0]
+    if not name.startswith("--"):
+        return None
+    options = parser._option_string_actions
+    matches = [name] if name in options else [flag for flag in options if flag.startswith(name)]
+    return options[matches[0]] if len(matches) == 1 else None
+
+
+def typed_flags(parser, argv):
+    """The long flags that take a value in argv (as argparse resolves them), in order, repeats kept; and
+    the index of the first token that is no flag's value (evaluate.py's CHECKPOINT), or None."""
+    typed, expect, positional = [], False, None
+    for index, token in enumerate(argv):
+        if token == "--":
+            break
+        action = flag_of(parser, token)
+        if action is not None and action.nargs != 0:
+            typed.append(max(action.option_strings, key=len))
+            expect = "=" not in token
+        elif not expect and positional is None and not token.startswith("-"):
+            positional = index
+        else:
+            expect = False
+    return tuple(typed), positional
 
 
 # the trained model's settings that --eval / --predict take from its checkpoint unless the command line gives
@@ -176,7 +223,8 @@ LIMITS = {"steps": (1, 10**8), "batch_size": (1, 4096), "crop": (1, 8192), "eval
           "eval_images": (1, 10**8), "probe_images": (1, 10**8), "kmeans_restarts": (1, 1000),
           "kmeans_seeds": (1, 1000), "radius": (1, 64), "knn": (0, 1000), "calibrate_images": (2, 10**6), "seed": (0, 2**31 - 1), "alpha": (0.0, 1.0),
           "eval_alpha": (0.0, 0.99), "dropout": (0.0, 1.0), "beta": (0.0, 1e6), "gamma": (0.0, 1e6)}
-POSITIVE = ("lr_head", "lr_centres", "smooth_temperature", "fcm_sigma")  # finite and > 0
+POSITIVE = ("lr_head", "lr_centres", "smooth_temperature", "fcm_sigma")  # finite and > 0, float32 numbers
+FLOAT32 = torch.finfo(torch.float32)  # training and evaluation compute in float32
 
 
 def resolve_defaults(cfg, device):
@@ -196,8 +244,6 @@ def resolve_defaults(cfg, device):
             setattr(cfg, key, value)
     if cfg.data not in data.DATASETS:
         raise ValueError(f"--data {cfg.data}: unknown data set, choose one of {', '.join(data.DATASETS)}")
-    if cfg.ablation and (cfg.eval or cfg.predict or cfg.resume):
-        raise ValueError("--ablation trains and evaluates every setting itself: use it without --eval, --predict and --resume")
     if not (cfg.use_smo or cfg.use_fs or cfg.use_reg or cfg.use_corr):
         raise ValueError("every loss term is switched off (--no-smo --no-fs --no-reg --no-corr): nothing to train")
     if cfg.data == "folder" and not cfg.n_classes:
@@ -207,6 +253,9 @@ def resolve_defaults(cfg, device):
         if getattr(cfg, key) % stride:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)} must be a multiple of the {cfg.arch} "
                              f"stride {stride}")
+    if cfg.eval_crop < 2 * stride:  # a 1 x 1 grid of codes: nothing to segment, k-means fails after training
+        raise ValueError(f"--eval-crop {cfg.eval_crop} gives a {cfg.eval_crop // stride}x{cfg.eval_crop // stride} "
+                         f"grid of codes ({cfg.arch} stride {stride}): use at least {2 * stride}")
     if cfg.data_root is not None:
         cfg.data_root = str(Path(cfg.data_root).resolve())  # a resumed run must read the same folder
     if cfg.weights not in (None, "random"):
@@ -227,6 +276,13 @@ def check_numbers(cfg):
         value = getattr(cfg, key)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"--{key.replace('_', '-')} must be a finite number > 0, got {getattr(cfg, key)}")
+        if not FLOAT32.tiny <= value <= FLOAT32.max:  # it would be 0 or inf in float32
+            raise ValueError(f"--{key.replace('_', '-')} {value} is not a float32 number (0 or inf there): "
+                             f"use a value in [{FLOAT32.tiny:.2g}, {FLOAT32.max:.2g}]")
+    if cfg.fcm_sigma ** 2 == 0 or 0.5 / cfg.fcm_sigma ** 2 > FLOAT32.max:
+        lowest = math.sqrt(0.5 / FLOAT32.max)
+        raise ValueError(f"--fcm-sigma {cfg.fcm_sigma} is too small: eq (10) divides by 2 sigma^2, which "
+                         f"underflows in float32; use --fcm-sigma >= {lowest * 1.01:.2g}")
     if not (0.0 <= cfg.ema < 1.0):
         raise ValueError(f"--ema must lie in [0, 1), got {cfg.ema}")
     if not (isinstance(cfg.fcm_m, (int, float)) and math.isfinite(cfg.fcm_m) and 1 < cfg.fcm_m <= 100):
@@ -244,12 +300,41 @@ class UsageError(ValueError):
 def settle(cfg):
     """The run's device and every default that depends on it, the data set and the backbone; every flag
     checked (one line for the first that is wrong)."""
+    check_conflicts(cfg)
     cfg.train = cfg.train or bool(cfg.resume)
     if not (cfg.train or cfg.eval or cfg.predict or cfg.ablation or cfg.calibrate):
         raise UsageError("nothing to do: pass --train, --eval, --predict FOLDER, --ablation or --calibrate (see --help)")
     device = pick_device(cfg.device)
     resolve_defaults(cfg, device)
     return device
+
+
+PATH_FLAGS = ("out", "checkpoint", "data_root", "weights", "predict", "resume")  # "" would mean the working folder
+
+
+def check_conflicts(cfg):
+    """The one check of flags that contradict each other (or would be ignored without a word), of flags
+    given twice (argparse keeps the last), and of empty paths: one line (exit 1) before any work."""
+    typed = getattr(cfg, "typed", ())
+    twice = next((flag for flag in typed if typed.count(flag) > 1), None)
+    given = getattr(cfg, "checkpoint_given", (None, None))
+    if None not in given:
+        raise ValueError(f"evaluate.py got two checkpoints, CHECKPOINT {given[0]} and --checkpoint {given[1]}: "
+                         f"give one")
+    if twice:
+        raise ValueError(f"{twice} is given {typed.count(twice)} times (only the last would count): give it once")
+    for key in PATH_FLAGS:
+        if getattr(cfg, key) == "":
+            raise ValueError(f"--{key.replace('_', '-')} is empty (\"\"): give a path")
+    training = cfg.train or cfg.resume
+    if cfg.ablation and (cfg.eval or cfg.predict or cfg.resume or cfg.checkpoint or cfg.calibrate):
+        raise ValueError("--ablation trains and evaluates every setting itself: use it without --eval, --predict, "
+                         "--resume, --checkpoint and --calibrate")
+    if cfg.calibrate and (training or cfg.eval or cfg.predict):
+        raise ValueError("--calibrate measures the loss shifts and stops: run it alone, then --train")
+    if training and cfg.checkpoint:
+        raise ValueError(f"--checkpoint {cfg.checkpoint} is for --eval / --predict without --train: --train "
+                         f"evaluates and predicts with the model it trains (continue a checkpoint with --resume PATH)")
 
 
 def pick_device(name):
@@ -281,6 +366,10 @@ def build_datasets(cfg):
                                                                    seed=cfg.seed)["samples"]))
             fit_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.train_split, mode="eval",
                                          crop_size=cfg.eval_crop, length=fit_length, **common)
+        codes = (len(fit_set) if fit_set is not None else len(val_set)) * (cfg.eval_crop // common["stride"]) ** 2
+        if cfg.probe != "centres" and codes < val_set.n_classes:
+            raise ValueError(f"k-means would fit {val_set.n_classes} clusters on {codes} codes: use a larger "
+                             f"--eval-crop or --probe-images")
         if cfg.ablation and not val_set.has_labels:
             raise ValueError(f"--ablation needs labels in the {cfg.val_split} split")
     if train_set is not None and len(train_set) < cfg.batch_size:
@@ -292,13 +381,13 @@ def build_datasets(cfg):
     predict_set = data.PredictFolder(cfg.predict, cfg.eval_crop, common["stride"], cfg.resize) if cfg.predict else None
     problems = []
     for dataset in (train_set, val_set, fit_set, predict_set):
-        try:
-            if dataset is not None:
+        if dataset is not None:
+            with contextlib.suppress(data.DataError):  # its problems are in dataset.problems
                 data.check_files(dataset)
-        except data.DataError as error:
-            problems.append(str(error))
+            problems += [p for p in getattr(dataset, "problems", []) if p not in problems]  # each bad file once
     if problems:
-        raise data.DataError(" | ".join(problems))
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise data.DataError(f"{len(problems)} files cannot be used: " + "; ".join(problems[:3]) + more)
     return (train_set, val_set, fit_set), predict_set
 
 
@@ -326,14 +415,27 @@ def trained_checkpoint(cfg, datasets):
 
 
 @contextlib.contextmanager
-def output_folder(cfg):
-    """`with output_folder(cfg):` --out is writable with room for a checkpoint, no other il2vseg run uses
-    it (a lock held for the block), and it holds no earlier run that this one would replace."""
+def output_folder(cfg, predict_set=None, log=print):
+    """`with output_folder(cfg, predict_set):` --out is writable with room for a checkpoint, no other il2vseg
+    run uses it (a lock held for the block; temporary files a killed save left there are removed), and
+    nothing an earlier run wrote is replaced without --overwrite: --train refuses a folder that holds
+    another run's checkpoint (also with --resume of another file); an evaluation or prediction that would
+    replace an earlier run's metrics.json, pictures or masks goes to OUT/eval-N/ or OUT/predictions-N/
+    instead, said in one line. Sets cfg.eval_out and cfg.predict_out, where they go."""
     checkpoints.check_output_folder(cfg.out)
     with checkpoints.OutputLock(cfg.out):
-        if cfg.train and not cfg.resume and not cfg.overwrite and (Path(cfg.out) / "checkpoint.pt").exists():
-            raise checkpoints.CheckpointError(f"--out {cfg.out} already holds checkpoint.pt: continue it with "
-                                              f"--resume, replace it with --overwrite, or choose another --out")
+        checkpoints.remove_stale_temporaries(cfg.out, log)
+        out = Path(cfg.out)
+        checkpoint = out / "checkpoint.pt"
+        resumed = checkpoints.resumed_path(cfg)
+        own = resumed is not None and resumed.exists() and checkpoint.exists() and os.path.samefile(resumed, checkpoint)
+        if cfg.train and checkpoint.exists() and not own and not cfg.overwrite:
+            if resumed is None:
+                raise checkpoints.CheckpointError(f"--out {cfg.out} already holds checkpoint.pt: continue it with "
+                                                  f"--resume, replace it with --overwrite, or choose another --out")
+            raise checkpoints.CheckpointError(f"--out {cfg.out} holds another run's checkpoint.pt and this run "
+                                              f"continues {resumed}: choose another --out, or replace it with "
+                                              f"--overwrite")
         if cfg.ablation and not cfg.overwrite:
             earlier = [folder.name for _, _, folder in ablation_runs(cfg) if (folder / "checkpoint.pt").exists()]
             if earlier:
@@ -341,6 +443,18 @@ def output_folder(cfg):
                 raise checkpoints.CheckpointError(f"--out {cfg.out} already holds runs of --ablation {cfg.ablation} "
                                                   f"({earlier[0]}{more}): replace them with --overwrite, or choose "
                                                   f"another --out")
+        cfg.eval_out, cfg.predict_out = str(out), str(out / "predictions")
+        earlier = (out / "metrics.json").exists() or any((out / "side_by_side").glob("*.png"))
+        if (cfg.train or cfg.eval) and not cfg.ablation and earlier and not own and not cfg.overwrite:
+            cfg.eval_out = str(out / f"eval-{checkpoints.first_free(out, ['eval'])}")
+            log(f"note: {out} holds an earlier run's metrics.json or pictures: this evaluation writes to "
+                f"{cfg.eval_out} (--overwrite replaces them instead)")
+        if predict_set is not None and not cfg.overwrite and any(
+                (out / "predictions" / f"{sample['name']}_{kind}.png").exists()
+                for sample in predict_set.samples for kind in ("mask", "overlay")):
+            cfg.predict_out = str(out / f"predictions-{checkpoints.first_free(out, ['predictions'])}")
+            log(f"note: {out / 'predictions'} holds masks of the same names from an earlier run: these go to "
+                f"{cfg.predict_out} (--overwrite replaces them instead)")
         yield
 
 
@@ -350,15 +464,27 @@ def out_of_memory(error):
         type(error) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(error))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler's time limit): stops the run as Ctrl-C does, with its own line."""
+
+
+def terminate(signum, frame):
+    raise Terminated()
+
+
 def report(error, cfg, progress):
     """The one line on stderr for a failure of the input, and the exit code (1; 2 for usage; 130 after
-    Ctrl-C). Anything else is a bug in il2vseg: it is raised again, with its traceback."""
-    saved = (f"the checkpoint of step {progress['saved']} in {Path(cfg.out) / 'checkpoint.pt'} is intact"
-             if "saved" in progress else "no checkpoint was written by this run")
+    Ctrl-C, 143 after SIGTERM). Anything else is a bug in il2vseg: it is raised again, with its traceback."""
+    path = Path(progress.get("path") or Path(cfg.out or ".") / "checkpoint.pt")
+    damaged = checkpoints.damaged_entry(path) if "saved" in progress and path.is_file() else None
+    saved = ("no checkpoint was written by this run" if "saved" not in progress else
+             f"the checkpoint of step {progress['saved']} in {path} is intact" if not damaged else
+             f"the checkpoint of step {progress['saved']} in {path} is damaged ({damaged})")
     if isinstance(error, KeyboardInterrupt):
-        print(f"interrupted; {saved}" + (": continue with --resume" if "saved" in progress else "")
-              if cfg.train else "interrupted", file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
+        print(f"{what}; {saved}" + (": continue with --resume" if "saved" in progress and not damaged else "")
+              if cfg.train else what, file=sys.stderr)
+        return 143 if isinstance(error, Terminated) else 130
     if out_of_memory(error):
         print(f"error: out of memory ({checkpoints.one_line(error)}): use a smaller --batch-size, --crop, "
               f"--eval-crop or --dim", file=sys.stderr)
@@ -368,8 +494,23 @@ def report(error, cfg, progress):
     if not isinstance(error, known):
         raise error
     line = checkpoints.one_line(error, named=False)
+    if isinstance(error, OSError) and error.filename is None and stdout_broken():
+        line = (f"cannot write to standard output ({error.strerror or line}): the console log is lost, the run "
+                f"stopped; its files in --out {cfg.out} are complete up to its last save")
     print(f"error: {line}" + (f"; {saved}" if isinstance(error, FloatingPointError) else ""), file=sys.stderr)
     return 2 if isinstance(error, UsageError) else 1
+
+
+def stdout_broken():
+    """True when standard output cannot be written (a full device, a closed pipe); it is then pointed at
+    os.devnull so that Python's own flush at exit prints nothing more."""
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return True
 
 
 LOSS_ABLATION = [  # the rows of the paper's Table 4 (the data term always goes with L_smo)

@@ -42,6 +42,7 @@ Conventions (shared by the whole project)
   with warnings.warn.
 """
 
+import hashlib
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,7 +55,7 @@ from torch.utils.data import Dataset
 # Re-exported: callers use data.DATASETS, data.DataError, data.IGNORE, data.read_rgb, data.list_images.
 from checkpoints import one_line
 from layouts import (DATASETS, IGNORE, READERS, SYNTHETIC_SPLITS, DataError, check_label_size,  # noqa: F401
-                     draw_synthetic_scene, folder_label_map, label_table, list_images, map_labels,
+                     IMAGE_SUFFIXES, draw_synthetic_scene, folder_label_map, label_table, list_images, map_labels,
                      probe_image, read_rgb, samples_camvid, samples_cityscapes, samples_cocostuff, samples_folder,
                      samples_mastr1325, samples_potsdam)
 
@@ -467,6 +468,13 @@ def build_dataset(name, root=None, split="train", mode="train", crop_size=224, r
 # 3. Pre-flight check: every file of a set, fast, all problems in one line
 # ----------------------------------------------------------------------------------------------
 
+def files_fingerprint(dataset):
+    """What a checkpoint records of its training files: their number and a hash of their names (a file
+    added, removed or renamed changes it; the content of a file does not)."""
+    names = "\n".join(str(sample.get("image") or sample["name"]) for sample in dataset.samples)
+    return f"{len(dataset.samples)} files (names {hashlib.sha256(names.encode()).hexdigest()[:12]})"
+
+
 def check_files(dataset, workers=8, shown=3):
     """Check every file of a SegmentationDataset or PredictFolder up front -> number of images checked.
 
@@ -499,6 +507,7 @@ def check_files(dataset, workers=8, shown=3):
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(samples)))) as pool:
         problems = [problem for problem in pool.map(problem_of, samples) if problem]
+    dataset.problems = problems  # cli.build_datasets: each bad file once, over every set of the command
     if problems:
         more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
         raise DataError(f"{len(problems)} of {len(samples)} images of {dataset.dataset_name} cannot be used: "
@@ -551,13 +560,16 @@ class PredictFolder(Dataset):
     """
 
     def __init__(self, folder, short_side=320, stride=8, interpolation="nearest"):
-        if not Path(folder).is_dir():
-            raise DataError(f"{folder}: prediction folder not found")
+        single = Path(folder).is_file()  # --predict photo.png: that one image
+        if single and Path(folder).suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"{folder}: not an image file ({'/'.join(IMAGE_SUFFIXES)}) nor a folder of them")
+        if not single and not Path(folder).is_dir():
+            raise DataError(f"{folder}: prediction folder (or image file) not found")
         if not isinstance(stride, (int, np.integer)) or stride <= 0 or not isinstance(short_side, (int, np.integer)) \
                 or short_side < stride:
             raise DataError(f"{folder}: short_side ({short_side}) and stride ({stride}) must be integers, "
                             f"short_side >= stride > 0")
-        paths = list_images(folder, "a folder of image files")
+        paths = [Path(folder)] if single else list_images(folder, "a folder of image files")
         self.samples = [{"name": name, "format": "png", "image": path, "label": None}
                         for name, path in zip(output_names(paths), paths)]
         self.dataset_name, self.short_side, self.stride = str(folder), short_side, stride

@@ -258,7 +258,8 @@ def spread(result, names):
 
 def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu", log=print, training=None):
     """The default protocol (module docstring) with the command line's settings; returns evaluate()'s
-    result (None for a split without labels) and writes OUT/metrics.json and OUT/side_by_side/.
+    result (None for a split without labels) and writes OUT/metrics.json and OUT/side_by_side/ (OUT:
+    cfg.eval_out when cli.output_folder set it).
 
     code_fn, score_fn: see evaluate. datasets: (train, val, fit) as cli.build_datasets gives them: k-means is
     fit on the codes of `fit` (training images in evaluation geometry), or of `val` with --kmeans-fit val.
@@ -304,8 +305,9 @@ def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu",
                                                          "probe_images", "kmeans_restarts", "kmeans_seeds", "seed",
                                                          "eval_alpha", "eval_align", "flip_tta", "no_crf", "eval_crop")}
     settings["n_fit_images"] = len(val_set if cfg.kmeans_fit == "val" else fit_set) if "kmeans" in probes else 0
-    results.write_metrics(cfg.out, {**result, "training": training} if training else result, settings)
-    results.save_pictures(cfg.out, shown)
+    out = getattr(cfg, "eval_out", None) or cfg.out  # cli.output_folder: beside an earlier run's results
+    results.write_metrics(out, {**result, "training": training} if training else result, settings)
+    results.save_pictures(out, shown)
     return result
 
 
@@ -345,13 +347,26 @@ def predict_folder(code_fn, score_fn, loader, centres, out_dir, device="cpu", ma
 
 def main(argv=None):
     """`python evaluate.py CHECKPOINT [il2vseg options]` = `python il2vseg.py --eval --checkpoint CHECKPOINT
-    [il2vseg options]`, run in this process's place (os.execv)."""
+    [il2vseg options]`, run in this process's place (os.execv). CHECKPOINT may stand anywhere among the
+    options; a second checkpoint (--checkpoint) or a conflicting flag is one line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(main.__doc__.strip() + "\nSee `python il2vseg.py --help` for the options.")
         return 0 if argv else 2
+    import cli  # the command line's parser (not the training script): which argument is CHECKPOINT
+    cfg = cli.parse_args([cli.EVALUATE_PY, *argv])
+    try:
+        cli.check_conflicts(cfg)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    checkpoint, index = cfg.checkpoint_given[0], cfg.checkpoint_index
+    if not Path(checkpoint).is_file():  # named as typed: il2vseg.py would speak of --checkpoint
+        print(f"error: {checkpoint}: no such checkpoint (evaluate.py CHECKPOINT: train first, or give the "
+              f"path of one)", file=sys.stderr)
+        return 1
     script = Path(__file__).resolve().with_name("il2vseg.py")
-    command = [sys.executable, str(script), "--eval", "--checkpoint", argv[0], *argv[1:]]
+    command = [sys.executable, str(script), "--eval", "--checkpoint", checkpoint, *argv[:index], *argv[index + 1:]]
     os.execv(sys.executable, command)
 
 

@@ -16,6 +16,7 @@ evaluate.py; the flags are cli.py; checkpoints and the output folder are checkpo
 """
 import copy
 import functools
+import signal
 import sys
 import time
 from pathlib import Path
@@ -296,13 +297,14 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
     path = Path(cfg.out) / "checkpoint.pt"
     optimiser = make_optimiser(model, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    cfg.train_files = data.files_fingerprint(dataset)  # stored in the checkpoint: a resumed run must see the same files
     neighbours = pairs.neighbours_for_run(cfg, backbone, dataset, device, log) if cfg.knn and cfg.use_corr else None
     if cfg.resume:  # the run's shifts come back with the checkpoint
         start = checkpoints.resume(cfg, model, optimiser, generator, log)
     else:
         pairs.settle_shifts(cfg, backbone, dataset, neighbours, device, log)
         start = checkpoints.fresh_start(cfg)
-    progress.update({"saved": start} if start else {})
+    progress.update({"saved": start, "path": checkpoints.resumed_path(cfg)} if start else {})
     loader = torch.utils.data.DataLoader(EpochItems(dataset, neighbours, cfg.seed), num_workers=cfg.num_workers,
                                          batch_sampler=Batches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps),
                                          pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
@@ -340,7 +342,7 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
                     + " (SmooSeg's data term trains only the local centres)")
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoints.save_checkpoint(checkpoints.training_state(model, optimiser, step, generator, cfg), path)
-            progress["saved"] = step
+            progress.update(saved=step, path=path)
     log(f"checkpoint: {path}")
     return history
 
@@ -446,7 +448,7 @@ def run_ablation(cfg, backbone, device, datasets, log=print):
     title = "Figure 5: low-level cue weight" if cfg.ablation == "alpha" else "Table 4: loss terms"
     table = results.format_ablation(title, rows)
     log(table)
-    (Path(cfg.out) / f"ablation_{cfg.ablation}.txt").write_text(table + "\n")
+    checkpoints.write_text_atomic(Path(cfg.out) / f"ablation_{cfg.ablation}.txt", table + "\n")
     return rows
 
 
@@ -459,7 +461,7 @@ def run(cfg, progress):
     device = cli.settle(cfg)                                     # defaults and every flag checked
     datasets, predict_set = cli.build_datasets(cfg)              # every file checked before any weights load
     trained = None if cfg.train or cfg.ablation or cfg.calibrate else cli.trained_checkpoint(cfg, datasets)
-    with cli.output_folder(cfg):                                 # writable, locked, nothing overwritten
+    with cli.output_folder(cfg, predict_set):                    # writable, locked, nothing overwritten
         backbone = backbones.load_backbone(cfg.arch, cfg.weights, seed=cfg.seed).to(device)
         if cfg.calibrate:
             neighbours = pairs.neighbours_for_run(cfg, backbone, datasets[0], device) if cfg.knn else None
@@ -474,16 +476,23 @@ def run(cfg, progress):
             if cfg.eval:
                 run_evaluation(backbone, model, cfg, device, datasets)
         if cfg.predict:
-            predict_folder(backbone, model, cfg, device, predict_set, Path(cfg.out) / "predictions")
+            predict_folder(backbone, model, cfg, device, predict_set, Path(cfg.predict_out))
 
 
 def main(argv=None):
     cfg, progress = cli.parse_args(argv), {}
     try:
+        previous = signal.signal(signal.SIGTERM, cli.terminate)  # SIGTERM: one line saying where the checkpoint is
+    except ValueError:  # not the main thread: SIGTERM keeps its default
+        previous = None
+    try:
         run(cfg, progress)
         return 0
     except BaseException as error:  # noqa: BLE001 - a failure of the input is one line (cli.report); a bug re-raises
         return cli.report(error, cfg, progress)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
-from PIL import Image
+from PIL import Image, ImageOps
 
 from checkpoints import one_line
 
@@ -151,6 +151,8 @@ def ranges_text(values):
 
 def file_error(path, error, what="image"):
     """The one-line DataError for a file that could not be opened or decoded."""
+    if Path(path).is_symlink() and not Path(path).exists():
+        return DataError(f"{path}: dangling symbolic link (its target {Path(path).readlink()} does not exist)")
     if isinstance(error, FileNotFoundError):
         return DataError(f"{path}: file not found")
     if Path(path).is_file() and Path(path).stat().st_size == 0:
@@ -158,11 +160,29 @@ def file_error(path, error, what="image"):
     return DataError(f"{path}: corrupt, truncated or unreadable {what} ({one_line(error)})")
 
 
+EXIF_ORIENTATION = 0x0112  # 5-8 turn the picture by 90 degrees: the displayed size is W x H swapped
+
+
+def exif_orientation(image):
+    """The EXIF orientation (1-8, 1 upright) of an opened image, read from its header (no pixel decoding)."""
+    raw = image.info.get("exif") if image.format == "PNG" else None  # PNG: getexif() would decode the pixels
+    if image.format == "PNG" and not raw:
+        return 1
+    exif = Image.Exif() if raw else image.getexif()
+    if raw:
+        exif.load(raw)
+    return exif.get(EXIF_ORIENTATION, 1)
+
+
 def open_image_file(path):
-    """Open and fully decode an image file with PIL (so truncation is found here)."""
+    """Open and fully decode an image file with PIL (so truncation is found here), turned upright as
+    its EXIF orientation says (a phone's portrait photo is stored sideways): every reader of the project
+    sees the picture as it is displayed, labels too."""
     try:
         image = Image.open(path)
         image.load()
+        if exif_orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
         return image
     except Exception as error:  # missing, UnidentifiedImageError, truncated data, bad chunks, ...
         raise file_error(path, error) from None
@@ -288,6 +308,8 @@ def probe_image(path):
     try:
         with Image.open(path) as image:
             width, height = image.size
+            if exif_orientation(image) in (5, 6, 7, 8):  # displayed turned: as open_image_file
+                width, height = height, width
             cheap = image.format in ("PNG", "JPEG") and image.mode in ("RGB", "RGBA", "L", "LA", "P", "1", "CMYK")
             if cheap and image.format == "PNG":
                 image.verify()
@@ -412,21 +434,35 @@ def need_dir(folder, what, layout):
 
 
 def list_images(folder, layout, pattern="*"):
-    """Sorted image files (known suffixes) in `folder` matching `pattern`; none -> DataError."""
-    files = sorted(p for p in Path(folder).glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Sorted image files (known suffixes, any case) in `folder` matching `pattern`; none -> DataError.
+    A dangling symbolic link is listed too (not dropped): the pre-flight check names it."""
+    files = sorted(p for p in Path(folder).glob(pattern)
+                   if (p.is_file() or (p.is_symlink() and not p.exists())) and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"{folder}: no images found (looked for {pattern} with suffix {'/'.join(IMAGE_SUFFIXES)}); "
                         f"expected layout {layout}")
     return files
 
 
-def find_file(folder, stems):
-    """First existing file folder/<stem><suffix> (.png first, then other image suffixes); None if none."""
+def files_by_stem(folder):
+    """{stem: [image files of `folder` with that stem]}, each list in IMAGE_SUFFIXES order (.png first),
+    suffixes in any case (x.PNG, x.Jpg); dangling symbolic links included (the pre-flight check names them)."""
+    found = {}
+    if Path(folder).is_dir():
+        for path in Path(folder).iterdir():
+            if path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or (path.is_symlink() and not path.exists())):
+                found.setdefault(path.stem, []).append(path)
+    return {stem: sorted(paths, key=lambda p: (IMAGE_SUFFIXES.index(p.suffix.lower()), p.name))
+            for stem, paths in found.items()}
+
+
+def find_file(folder, stems, index=None):
+    """First file folder/<stem><suffix> (.png first, then other image suffixes, in any case); None if none.
+    index: files_by_stem(folder), when the caller looks up many stems."""
+    index = files_by_stem(folder) if index is None else index
     for stem in stems:
-        for suffix in (".png", *IMAGE_SUFFIXES):
-            candidate = Path(folder) / f"{stem}{suffix}"
-            if candidate.is_file():
-                return candidate
+        if stem in index:
+            return index[stem][0]
     return None
 
 
@@ -439,15 +475,29 @@ def read_list(path):
 
 
 def pair_by_stem(image_paths, label_dir, label_stems=lambda stem: [stem], labelled=True):
-    """Samples pairing each image with label_dir/<first of label_stems(stem) found>; a miss -> DataError."""
+    """Samples pairing each image with label_dir/<first of label_stems(stem) found>; a miss -> DataError.
+    Two images with one stem (x.png and x.jpg) are refused: they would share a label and every output name."""
+    image_paths = list(image_paths)
+    check_unique_stems(image_paths)
+    labels = files_by_stem(label_dir) if labelled else {}
     samples = []
     for image_path in image_paths:
-        label_path = find_file(label_dir, label_stems(image_path.stem)) if labelled else None
+        label_path = find_file(label_dir, label_stems(image_path.stem), labels) if labelled else None
         if labelled and label_path is None:
             expected = Path(label_dir) / f"{label_stems(image_path.stem)[0]}.png"
             raise DataError(f"{image_path}: image has no label (expected {expected})")
         samples.append({"name": image_path.stem, "format": "png", "image": image_path, "label": label_path})
     return samples
+
+
+def check_unique_stems(paths):
+    """One line naming two files of a split whose names differ only in suffix or case (x.png, x.JPG)."""
+    seen = {}
+    for path in paths:
+        other = seen.setdefault(Path(path).stem.lower(), path)
+        if other != path:
+            raise DataError(f"{path} and {Path(other).name} share the name {Path(path).stem}: they would share "
+                            f"their label and their output files; keep one of them in {Path(path).parent}")
 
 
 def samples_cityscapes(root, split, layout):
@@ -477,9 +527,9 @@ def samples_cocostuff(root, split, layout):
     list_name = "Coco164kFull_Stuff_Coarse_7.txt" if split_dir == "val2017" else "Coco164kFull_Stuff_Coarse.txt"
     list_path = root / "curated" / split_dir / list_name
     if list_path.is_file():
-        image_paths = []
+        image_paths, index = [], files_by_stem(image_dir)
         for image_id in read_list(list_path):
-            path = find_file(image_dir, [image_id])  # <id>.jpg / <id>.png / ...
+            path = find_file(image_dir, [image_id], index)  # <id>.jpg / <id>.png / ...
             if path is None:
                 raise DataError(f"{image_dir / (image_id + '.jpg')}: image listed in {list_path.name} not found")
             image_paths.append(path)
@@ -554,7 +604,8 @@ def samples_mastr1325(root, split, layout):
         stems = mastr_holdout([p.stem for p in list_images(image_dir, layout)], split)
     else:
         raise DataError(f"{root}: unknown mastr1325 split '{split}'; use train, val, all or add {split}.txt")
-    image_paths = [find_file(image_dir, [stem]) for stem in stems]
+    index = files_by_stem(image_dir)
+    image_paths = [find_file(image_dir, [stem], index) for stem in stems]
     for stem, path in zip(stems, image_paths):
         if path is None:
             raise DataError(f"{image_dir / (stem + '.jpg')}: image not found")

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import checkpoints
+
 
 def palette(n):
     """Fixed colour palette uint8 (n, 3): colour of class i = entry i + 1 of the PASCAL VOC colour map
@@ -150,8 +152,7 @@ def write_metrics(out_dir, result, settings):
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {key: value for key, value in result.items() if key != "kept"}
     metrics["settings"] = settings
-    with open(out_dir / "metrics.json", "w") as file:
-        json.dump(json_ready(metrics), file, indent=2)
+    checkpoints.write_text_atomic(out_dir / "metrics.json", json.dumps(json_ready(metrics), indent=2))  # whole or not
     return out_dir / "metrics.json"
 
 

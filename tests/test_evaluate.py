@@ -469,9 +469,12 @@ def test_predict_folder(tmp_path):
     assert (mask == expected).all(axis=2)[4:].mean() > 0.999
 
 
-def test_cli_runs_il2vseg_eval_in_its_place(monkeypatch, capsys):
+def test_cli_runs_il2vseg_eval_in_its_place(tmp_path, monkeypatch, capsys):
     received = []
     monkeypatch.setattr(evaluate.os, "execv", lambda path, argv: received.append((path, argv)))
+    monkeypatch.chdir(tmp_path)  # CHECKPOINT must exist (a missing one is named as typed)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "checkpoint.pt").write_bytes(b"")
     evaluate.main(["runs/x/checkpoint.pt", "--data", "camvid", "--out", "x"])
     path, argv = received[0]
     assert path == sys.executable and argv[0] == sys.executable and argv[1].endswith("il2vseg.py")

@@ -352,3 +352,293 @@ def test_kill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     assert a["step"] == b["step"] == 8
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+# -------------------------------------------------------------------------------- one rule for every file written
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained run, copied by the tests that need one (training is the slow part)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert il2vseg.main(["--train", "--steps", "1", "--out", str(out)] + TINY) == 0
+    return out
+
+
+def copy_of(trained, folder):
+    import shutil
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns(".il2vseg.lock"))
+    return folder
+
+
+def test_resume_into_a_folder_that_holds_another_runs_checkpoint_is_refused(trained, tmp_path, capsys):
+    a, b = copy_of(trained, tmp_path / "A"), copy_of(trained, tmp_path / "B")
+    before = {name: (b / name).read_bytes() for name in ("checkpoint.pt", "metrics.json")}
+    capsys.readouterr()
+    assert il2vseg.main(["--train", "--resume", str(a / "checkpoint.pt"), "--steps", "2", "--out", str(b)] + TINY) == 1
+    line, printed = one_error_line(capsys)
+    assert f"--out {b} holds another run's checkpoint.pt" in line and str(a / "checkpoint.pt") in line
+    assert "RANDOMLY INITIALISED" not in printed
+    assert all((b / name).read_bytes() == content for name, content in before.items())
+
+
+def test_metrics_json_is_written_atomically_and_a_full_disk_names_it(tmp_path, monkeypatch):
+    import results
+    (tmp_path / "metrics.json").write_text('{"old": 1}')
+
+    def full_disk(path, mode):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "open", full_disk, raising=False)
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        results.write_metrics(tmp_path, {"probes": {}}, {})
+    assert str(info.value) == f"no space left on device while writing {tmp_path / 'metrics.json'}"
+    assert (tmp_path / "metrics.json").read_text() == '{"old": 1}'  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_a_full_standard_output_is_not_mistaken_for_a_full_out(tmp_path, capsys, monkeypatch):
+    class FullConsole:
+        def write(self, text=""):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            self.write()
+
+    cfg = cli.parse_args(["--train", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "stdout", FullConsole())
+    assert cli.report(OSError(errno.ENOSPC, "No space left on device"), cfg, {}) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: cannot write to standard output (No space left on device)"), line
+
+
+def test_a_stale_temporary_file_of_a_killed_save_is_removed_by_the_next_run(tmp_path):
+    stale = tmp_path / "checkpoint.pt.4242.0123abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("the user's")  # not one of ours
+    cfg = cli.parse_args(["--eval", "--out", str(tmp_path)])
+    said = []
+    with cli.output_folder(cfg, log=said.append):
+        pass
+    assert not stale.exists() and (tmp_path / "notes.tmp").exists()
+    assert "removed 1 temporary file" in said[0]
+
+
+def test_a_second_prediction_and_an_evaluation_never_replace_earlier_files(trained, tmp_path, capsys, monkeypatch):
+    out = copy_of(trained, tmp_path / "run")
+    photo = tmp_path / "photo.png"  # a file, not a folder: that one image
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(photo)
+    assert il2vseg.main(["--predict", str(photo), "--out", str(out)] + TINY) == 0
+    first = (out / "predictions" / "photo_mask.png").read_bytes()
+    assert il2vseg.main(["--predict", str(photo), "--out", str(out)] + TINY) == 0
+    assert f"these go to {out / 'predictions-2'}" in capsys.readouterr().out
+    assert (out / "predictions" / "photo_mask.png").read_bytes() == first
+    assert (out / "predictions-2" / "photo_mask.png").is_file()
+    # --eval of the run's checkpoint: its training metrics.json stays, the evaluation goes to eval-2
+    metrics = (out / "metrics.json").read_bytes()
+    seen = []
+    monkeypatch.setattr(il2vseg, "run_evaluation", lambda backbone, model, cfg, *a, **k: seen.append(cfg.eval_out))
+    assert il2vseg.main(["--eval", "--checkpoint", str(out / "checkpoint.pt")] + TINY) == 0
+    assert seen == [str(out / "eval-2")] and "this evaluation writes to" in capsys.readouterr().out
+    assert il2vseg.main(["--eval", "--overwrite", "--checkpoint", str(out / "checkpoint.pt")] + TINY) == 0
+    assert seen[1] == str(out) and (out / "metrics.json").read_bytes() == metrics
+
+
+# -------------------------------------------------------------------------------- every checkpoint read is checked
+
+def damage(path):
+    """Zero 256 bytes inside the largest tensor of a checkpoint (its zip stays readable)."""
+    import zipfile
+    payload = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+        content = archive.read(entry)
+    start = payload.find(content) + len(content) // 2
+    payload[start:start + 256] = bytes(256)
+    path.write_bytes(bytes(payload))
+    return entry.filename
+
+
+def test_a_damaged_checkpoint_is_refused_by_its_crc_on_eval_and_on_resume(trained, tmp_path, capsys):
+    out = copy_of(trained, tmp_path / "run")
+    entry = damage(out / "checkpoint.pt")
+    capsys.readouterr()
+    for argv in (["--eval", "--checkpoint", str(out / "checkpoint.pt")], ["--train", "--resume", "--steps", "2",
+                                                                          "--out", str(out)]):
+        assert il2vseg.main(argv + TINY) == 1
+        line, _ = one_error_line(capsys)
+        assert f"{out / 'checkpoint.pt'}: damaged: entry {entry} fails its CRC-32 check" in line
+        assert "intact" not in line
+
+
+def test_a_damaged_checkpoint_is_never_called_intact(trained, tmp_path, capsys):
+    out = copy_of(trained, tmp_path / "run")
+    damage(out / "checkpoint.pt")
+    cfg = cli.parse_args(["--train", "--out", str(out)])
+    assert cli.report(FloatingPointError("step 3: loss term smo is nan"), cfg, {"saved": 1}) == 1
+    line = capsys.readouterr().err
+    assert "is damaged (entry" in line and "intact" not in line
+
+
+@pytest.mark.parametrize("change, fragment", [({"step": -3}, "entry 'step' is -3, expected a step >= 0"),
+                                              ({"config": {}}, "entry 'config' is empty")])
+def test_a_crafted_checkpoint_is_one_line_naming_the_file(trained, tmp_path, capsys, change, fragment):
+    state = torch.load(trained / "checkpoint.pt", weights_only=True)
+    state.update(change)
+    torch.save(state, tmp_path / "crafted.pt")
+    for argv in (["--eval", "--checkpoint", str(tmp_path / "crafted.pt")],
+                 ["--train", "--resume", str(tmp_path / "crafted.pt"), "--out", str(tmp_path / "new")]):
+        assert il2vseg.main(argv + TINY) == 1
+        line, _ = one_error_line(capsys)
+        assert f"{tmp_path / 'crafted.pt'}: {fragment}" in line
+
+
+def test_resume_after_files_were_added_is_refused(tmp_path):
+    import data
+    argv = folder_data(tmp_path / "d")
+    cfg = cli.parse_args(["--train", "--resume"] + argv)
+    dataset = data.build_dataset("folder", str(tmp_path / "d"), "train", n_classes=2, crop_size=32)
+    state = {"config": {"train_files": data.files_fingerprint(dataset), "seed": 0}}
+    Image.new("RGB", (40, 40)).save(tmp_path / "d" / "imgs" / "train" / "9.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "d" / "labels" / "train" / "9.png")
+    cfg.train_files = data.files_fingerprint(data.build_dataset("folder", str(tmp_path / "d"), "train", n_classes=2,
+                                                                crop_size=32))
+    with pytest.raises(checkpoints.CheckpointError, match=r"was trained on 4 files .* this run finds 5 files"):
+        checkpoints.check_resume(state, cfg, "ck.pt", checkpoints.RESUME_MUST_MATCH, log=lambda *a: None)
+    notes = []
+    cfg.train_files = state["config"]["train_files"]
+    checkpoints.check_resume(state, cfg, "ck.pt", ("seed", "dim", "train_files"), log=notes.append)
+    assert notes == ["note: ck.pt does not record dim (written before they were saved): this run assumes they match"]
+
+
+# -------------------------------------------------------------------------------- images as they are displayed
+
+def portrait_photo(path, size=(64, 48)):
+    """A landscape-stored image with EXIF orientation 6 (displayed turned by 90 degrees: portrait)."""
+    image = Image.new("RGB", size, (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, size[0] // 2, size[1]))  # left half red as stored: the top when displayed
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_is_applied_by_every_reader(tmp_path, suffix):
+    import data
+    from PIL import ImageOps
+    path = portrait_photo(tmp_path / f"phone{suffix}")
+    displayed = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    array, _ = data.read_rgb(path)
+    assert array.shape == displayed.shape == (64, 48, 3) and np.array_equal(array, displayed)
+    assert data.probe_image(path) == (64, 48)
+    item = data.PredictFolder(path, short_side=48, stride=8)[0]
+    assert item["image"].shape == (3, 64, 48)  # the mask comes back portrait
+
+
+def test_a_label_drawn_on_the_displayed_photo_fits(tmp_path):
+    import data
+    argv = folder_data(tmp_path / "d", n=2, size=48)
+    for i in range(2):
+        portrait_photo(tmp_path / "d" / "imgs" / "train" / f"{i}.png")
+        Image.fromarray(np.full((64, 48), i, np.uint8)).save(tmp_path / "d" / "labels" / "train" / f"{i}.png")
+    dataset = data.build_dataset("folder", argv[3], "train", mode="eval", n_classes=2, crop_size=48)
+    assert data.check_files(dataset) == 2
+    assert dataset.load(dataset.samples[0])[0].shape == (3, 64, 48)
+
+
+# -------------------------------------------------------------------------------- file names as users make them
+
+def test_upper_case_suffixes_pair_with_their_labels(tmp_path):
+    import data
+    for split in ("train", "trainannot"):
+        (tmp_path / split).mkdir()
+    Image.new("RGB", (48, 48), (9, 9, 9)).save(tmp_path / "train" / "x.PNG")
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(tmp_path / "trainannot" / "x.PNG")
+    dataset = data.build_dataset("camvid", str(tmp_path), "train", mode="eval", crop_size=48)
+    assert [s["label"].name for s in dataset.samples] == ["x.PNG"] and data.check_files(dataset) == 1
+
+
+def test_a_dangling_symlink_is_named_not_dropped(tmp_path, capsys):
+    argv = folder_data(tmp_path / "d")
+    for folder in ("imgs", "labels"):
+        (tmp_path / "d" / folder / "val" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    assert il2vseg.main(["--train", "--out", str(tmp_path / "run")] + TINY + argv) == 1
+    line, _ = one_error_line(capsys)
+    assert "imgs/val/gone.png: dangling symbolic link" in line
+
+
+def test_two_images_with_one_stem_in_a_split_are_refused(tmp_path, capsys):
+    argv = folder_data(tmp_path / "d")
+    Image.new("RGB", (40, 40)).save(tmp_path / "d" / "imgs" / "val" / "1.jpg")
+    assert il2vseg.main(["--train", "--out", str(tmp_path / "run")] + TINY + argv) == 1
+    line, _ = one_error_line(capsys)
+    assert "share the name 1" in line and "1.jpg" in line
+
+
+def test_each_bad_file_is_reported_once(tmp_path, capsys):
+    argv = folder_data(tmp_path / "d")
+    (tmp_path / "d" / "imgs" / "train" / "3.png").write_bytes(b"")
+    assert il2vseg.main(["--train", "--out", str(tmp_path / "run")] + TINY + argv) == 1
+    line, _ = one_error_line(capsys)
+    assert line.count("imgs/train/3.png") == 1 and "1 files cannot be used" in line
+
+
+# -------------------------------------------------------------------------------- conflicting flags, edges
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--train", "--eval", "--checkpoint", "X.pt"], "--checkpoint X.pt is for --eval / --predict without --train"),
+    (["--resume", "--checkpoint", "X.pt"], "--checkpoint X.pt is for --eval / --predict without --train"),
+    (["--eval", "--checkpoint", "A.pt", "--checkpoint", "B.pt"], "--checkpoint is given 2 times"),
+    (["--train", "--out", "a", "--ou", "b"], "--out is given 2 times"),
+    (["--calibrate", "--train"], "--calibrate measures the loss shifts and stops"),
+    (["--ablation", "loss", "--checkpoint", "X.pt"], "--ablation trains and evaluates every setting itself"),
+    (["--train", "--out", ""], "--out is empty"), (["--train", "--weights", ""], "--weights is empty"),
+    (["--eval", "--data-root", ""], "--data-root is empty"), (["--predict", ""], "--predict is empty"),
+    (["--train", "--fcm-sigma", "1e-300"], "--fcm-sigma 1e-300 is not a float32 number"),
+    (["--train", "--fcm-sigma", "1e-25"], "--fcm-sigma 1e-25 is too small: eq (10)"),
+    (["--train", "--smooth-temperature", "1e-300"], "--smooth-temperature 1e-300 is not a float32 number"),
+    (["--train", "--eval-crop", "8"], "--eval-crop 8 gives a 1x1 grid of codes"),
+    (["--train", "--steps", "1000000000"], "--steps must lie in [1, 100000000]"),
+    (["--train", "--data", "camvid"], "--data camvid needs --data-root FOLDER")])
+def test_conflicting_flags_and_edges_are_one_line_before_any_work(argv, fragment, capsys):
+    assert il2vseg.main(argv + ["--weights", "random"] if "--weights" not in argv else argv) == 1
+    line, printed = one_error_line(capsys)
+    assert fragment in line and "RANDOMLY INITIALISED" not in printed
+
+
+def test_evaluate_py_finds_its_checkpoint_among_the_flags(tmp_path, monkeypatch, capsys):
+    import evaluate
+    received = []
+    monkeypatch.setattr(evaluate.os, "execv", lambda path, argv: received.append(argv[2:]))
+    monkeypatch.chdir(tmp_path)
+    Path("runs/x").mkdir(parents=True)
+    Path("runs/x/checkpoint.pt").write_bytes(b"")
+    evaluate.main(["--data", "camvid", "--out", "x", "runs/x/checkpoint.pt", "--no-crf"])
+    assert received == [["--eval", "--checkpoint", "runs/x/checkpoint.pt", "--data", "camvid", "--out", "x", "--no-crf"]]
+    assert evaluate.main(["--data", "camvid", "missing.pt"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: missing.pt: no such checkpoint (evaluate.py CHECKPOINT: "
+                                               "train first, or give the path of one)")
+    assert evaluate.main(["A.pt", "--checkpoint", "B.pt"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: evaluate.py got two checkpoints, CHECKPOINT A.pt and "
+                                               "--checkpoint B.pt: give one")
+    assert len(received) == 1
+
+
+def test_a_billion_steps_start_at_once():
+    batches = iter(il2vseg.Batches(10, 4, 0, 0, 10**8))
+    started = time.perf_counter()
+    assert len(next(batches)) == 4 and time.perf_counter() - started < 1.0
+
+
+def test_sigterm_says_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
+    def terminated(cfg, progress):
+        progress.update(saved=2, path=tmp_path / "checkpoint.pt")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    torch.save({"x": torch.zeros(3)}, tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(il2vseg, "run", terminated)
+    assert il2vseg.main(["--train", "--out", str(tmp_path)]) == 143
+    assert capsys.readouterr().err.strip() == (f"terminated (SIGTERM); the checkpoint of step 2 in "
+                                               f"{tmp_path / 'checkpoint.pt'} is intact: continue with --resume")
+    assert signal.getsignal(signal.SIGTERM) is not cli.terminate  # the handler is put back
