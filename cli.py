@@ -145,9 +145,10 @@ def parse_args(argv=None):
     e.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", help="do not average the codes of the mirrored image")
     e.add_argument("--save-images", type=int, default=8, help="side-by-side PNGs for the first N images")
     cfg = p.parse_args(argv)
-    p.set_defaults(**dict.fromkeys(FROM_CHECKPOINT + CARRIED))  # parsed again without defaults: which were typed
+    asked = tuple(dict.fromkeys(FROM_CHECKPOINT + CARRIED + checkpoints.RESUME_MUST_MATCH))
+    p.set_defaults(**dict.fromkeys(asked))  # parsed again without defaults: which were typed
     given = p.parse_args(argv)
-    cfg.explicit = tuple(key for key in FROM_CHECKPOINT + CARRIED if getattr(given, key) is not None)
+    cfg.explicit = tuple(key for key in asked if getattr(given, key) is not None)
     return cfg
 
 
@@ -195,9 +196,10 @@ def checkpoint_to_read(cfg):
 
 
 def carry_settings(cfg, log=print):
-    """--eval, --predict, --resume: every CARRIED setting the command line left unset comes from the
-    checkpoint's config, said in one line; a typed --weights or --arch that cannot work with the checkpoint
-    is one line naming the flag that fixes it. A missing or unreadable checkpoint is left to its loader."""
+    """--eval, --predict, --resume: every CARRIED setting (--resume: also every one of RESUME_MUST_MATCH)
+    the command line left unset comes from the checkpoint's config, said in one line; a typed --weights or
+    --arch that cannot work with the checkpoint is one line naming the flag that fixes it. A missing
+    checkpoint is left to its loader."""
     if not (cfg.resume or (not cfg.train and (cfg.eval or cfg.predict))):
         return cfg
     path = checkpoint_to_read(cfg)
@@ -214,7 +216,7 @@ def carry_settings(cfg, log=print):
         raise checkpoints.CheckpointError(f"{path} was trained on --arch {trained['arch']}, this run asks for "
                                           f"--arch {cfg.arch}: pass --arch {trained['arch']} or omit --arch")
     taken = []
-    for key in CARRIED:
+    for key in dict.fromkeys(CARRIED + (checkpoints.RESUME_MUST_MATCH if cfg.resume else ())):
         if key in cfg.explicit or key not in trained:
             continue
         if key == "data_root" and cfg.data != trained.get("data"):
@@ -225,9 +227,9 @@ def carry_settings(cfg, log=print):
             continue  # only training uses the training crop
         if getattr(cfg, key) != trained[key]:
             setattr(cfg, key, trained[key])
-            taken.append(f"--{key.replace('_', '-')} {'(torch.hub)' if trained[key] is None else trained[key]}")
+            taken.append(f"{key.replace('_', '-')} {'(torch.hub)' if trained[key] is None else trained[key]}")
     if taken:
-        log(f"from {path} (not given on the command line): {', '.join(taken)}")
+        log(f"settings from {path} (the command line did not give them): {', '.join(taken)}")
     return cfg
 
 
