@@ -114,7 +114,7 @@ def test_predictions_of_files_with_the_same_stem_do_not_collide(tmp_path, capsys
     assert il2vseg.main(["--predict", str(photos), "--out", str(out)] + TINY) == 0
     masks = sorted(p.name for p in (out / "predictions").glob("*_mask.png"))
     assert len(masks) == 2 and len(set(masks)) == 2
-    assert "wrote 4 files for 2 images" in capsys.readouterr().out
+    assert "wrote 6 files for 2 images" in capsys.readouterr().out  # ids, mask, overlay each
 
 
 # -------------------------------------------------------------------------------- poisoned numbers
