@@ -72,11 +72,13 @@ def parse_args(argv=None):
     a.add_argument("--checkpoint", default=None, help="checkpoint for --eval / --predict (default: OUT/checkpoint.pt)")
     a.add_argument("--out", default=None, help="folder for checkpoint.pt, metrics.json and images (default: runs/DATA)")
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)} (synthetic is built in)")
+    d.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)} (synthetic is built in; "
+                   f"--eval, --predict and --resume take the checkpoint's)")
     d.add_argument("--data-root", default=None, help="root folder of the data set (not needed for synthetic)")
     d.add_argument("--n-classes", type=int, default=None, help="number of classes K (needed for --data folder)")
     d.add_argument("--train-split", default="train", help="split used for training")
-    d.add_argument("--val-split", default="val", help="split used for evaluation")
+    d.add_argument("--val-split", default="val", help="split used for evaluation (--data folder without labels: "
+                   "optional, no evaluation without it)")
     d.add_argument("--crop", type=int, default=None,
                    help="training crop (default: 224; 128 for synthetic on the CPU; the multiple of the stride nearest it)")
     d.add_argument("--eval-crop", type=int, default=None,
@@ -156,9 +158,10 @@ def parse_args(argv=None):
     e.add_argument("--no-flip-tta", dest="flip_tta", action="store_false", help="do not average the codes of the mirrored image")
     e.add_argument("--save-images", type=int, default=8, help="side-by-side PNGs for the first N images")
     cfg = p.parse_args(argv)
-    p.set_defaults(**dict.fromkeys(FROM_CHECKPOINT))  # parsed again without defaults: which were typed
+    asked = tuple(dict.fromkeys(FROM_CHECKPOINT + CARRIED + checkpoints.RESUME_MUST_MATCH))
+    p.set_defaults(**dict.fromkeys(asked))  # parsed again without defaults: which were typed
     given = p.parse_args(argv)
-    cfg.explicit = tuple(key for key in FROM_CHECKPOINT if getattr(given, key) is not None)
+    cfg.explicit = tuple(key for key in asked if getattr(given, key) is not None)
     cfg.typed, positional = typed_flags(p, argv)
     if as_evaluate:  # CHECKPOINT is --checkpoint; both at once is a conflict (check_conflicts)
         cfg.checkpoint_given = (cfg.checkpoint_file, cfg.checkpoint)
@@ -199,6 +202,8 @@ def typed_flags(parser, argv):
 # the trained model's settings that --eval / --predict take from its checkpoint unless the command line gives
 # them: the head's width, and F^l (for --eval-alpha) as in training
 FROM_CHECKPOINT = ("dim", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius")
+# what --eval, --predict and --resume take from the checkpoint they read when the command line is silent
+CARRIED = ("weights", "arch", "data", "data_root", "n_classes", "crop", "eval_crop")
 # what a checkpoint written before a setting existed was trained with
 LEGACY = {"affinity": "global"}
 
@@ -225,6 +230,55 @@ LIMITS = {"steps": (1, 10**8), "batch_size": (1, 4096), "crop": (1, 8192), "eval
           "eval_alpha": (0.0, 0.99), "dropout": (0.0, 1.0), "beta": (0.0, 1e6), "gamma": (0.0, 1e6)}
 POSITIVE = ("lr_head", "lr_centres", "smooth_temperature", "fcm_sigma")  # finite and > 0, float32 numbers
 FLOAT32 = torch.finfo(torch.float32)  # training and evaluation compute in float32
+
+
+def checkpoint_to_read(cfg):
+    """The checkpoint --resume (PATH, or OUT/checkpoint.pt) or --eval / --predict (--checkpoint, or
+    OUT/checkpoint.pt) reads, before --out has its default."""
+    if isinstance(cfg.resume, str):
+        return Path(cfg.resume)
+    if cfg.checkpoint and not cfg.resume:
+        return Path(cfg.checkpoint)
+    out = cfg.out or (str(Path(cfg.checkpoint).parent) if cfg.checkpoint else str(Path("runs") / cfg.data))
+    return Path(out) / "checkpoint.pt"
+
+
+def carry_settings(cfg, log=print):
+    """--eval, --predict, --resume: every CARRIED setting (--resume: also every one of RESUME_MUST_MATCH)
+    the command line left unset comes from the checkpoint's config, said in one line; a typed --weights or
+    --arch that cannot work with the checkpoint is one line naming the flag that fixes it. A missing
+    checkpoint is left to its loader."""
+    if not (cfg.resume or (not cfg.train and (cfg.eval or cfg.predict))):
+        return cfg
+    path = checkpoint_to_read(cfg)
+    if not path.is_file():
+        return cfg
+    state = checkpoints.load_checkpoint(path)
+    trained = state["config"]
+    was = trained.get("weights")
+    if "weights" in cfg.explicit and cfg.weights != was and "random" in (cfg.weights, was):
+        fix = "pass --weights random or omit --weights" if was == "random" else "omit --weights"
+        raise checkpoints.CheckpointError(f"{path} was trained on --weights {was or '(torch.hub)'}, this run asks "
+                                          f"for --weights {cfg.weights}: {fix}")
+    if "arch" in cfg.explicit and "arch" in trained and trained["arch"] != cfg.arch:
+        raise checkpoints.CheckpointError(f"{path} was trained on --arch {trained['arch']}, this run asks for "
+                                          f"--arch {cfg.arch}: pass --arch {trained['arch']} or omit --arch")
+    taken = []
+    for key in dict.fromkeys(CARRIED + (checkpoints.RESUME_MUST_MATCH if cfg.resume else ())):
+        if key in cfg.explicit or key not in trained:
+            continue
+        if key == "data_root" and cfg.data != trained.get("data"):
+            continue  # another data set: its own root
+        if key == "n_classes" and trained[key] is None and cfg.data == "folder":
+            trained = {**trained, "n_classes": state["n_clusters"]}
+        if key == "crop" and not cfg.resume:
+            continue  # only training uses the training crop
+        if getattr(cfg, key) != trained[key]:
+            setattr(cfg, key, trained[key])
+            taken.append(f"{key.replace('_', '-')} {'(torch.hub)' if trained[key] is None else trained[key]}")
+    if taken:
+        log(f"settings from {path} (the command line did not give them): {', '.join(taken)}")
+    return cfg
 
 
 def resolve_defaults(cfg, device):
@@ -305,6 +359,7 @@ def settle(cfg):
     if not (cfg.train or cfg.eval or cfg.predict or cfg.ablation or cfg.calibrate):
         raise UsageError("nothing to do: pass --train, --eval, --predict FOLDER, --ablation or --calibrate (see --help)")
     device = pick_device(cfg.device)
+    carry_settings(cfg)
     resolve_defaults(cfg, device)
     return device
 
@@ -356,7 +411,7 @@ def build_datasets(cfg):
     if cfg.train or cfg.ablation or cfg.calibrate:
         train_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.train_split, mode="train",
                                        crop_size=cfg.crop, five_crop=cfg.five_crop, train_crop=cfg.train_crop, **common)
-    if cfg.train or cfg.eval or cfg.ablation:
+    if (cfg.train or cfg.eval or cfg.ablation) and not unlabelled_folder_without_val(cfg):
         val_set = data.build_dataset(cfg.data, cfg.data_root, split=cfg.val_split, mode="eval",
                                      crop_size=cfg.eval_crop, length=cfg.eval_images, **common)
         if cfg.probe != "centres" and cfg.kmeans_fit == "train":
@@ -391,6 +446,13 @@ def build_datasets(cfg):
     return (train_set, val_set, fit_set), predict_set
 
 
+def unlabelled_folder_without_val(cfg):
+    """--train --data folder on images without labels needs no val split (there is nothing to score)."""
+    root = Path(cfg.data_root or ".")
+    return (cfg.data == "folder" and cfg.train and not cfg.eval and not (root / "labels").is_dir()
+            and not (root / "imgs" / cfg.val_split).is_dir())
+
+
 def trained_checkpoint(cfg, datasets):
     """--eval / --predict: the checkpoint (--checkpoint, or OUT/checkpoint.pt), checked before any weights
     load: its --arch, its clusters against the data set's classes, random against real backbone weights.
@@ -399,12 +461,14 @@ def trained_checkpoint(cfg, datasets):
     state = checkpoints.load_checkpoint(path)
     trained = state["config"]
     if trained.get("arch", cfg.arch) != cfg.arch:
-        raise checkpoints.CheckpointError(f"{path} was trained on --arch {trained['arch']}, not {cfg.arch}")
+        raise checkpoints.CheckpointError(f"{path} was trained on --arch {trained['arch']}, this run asks for "
+                                          f"--arch {cfg.arch}: pass --arch {trained['arch']} or omit --arch")
     take_from_checkpoint(cfg, trained, path)
     weights = trained.get("weights")
     if weights != cfg.weights and "random" in (weights, cfg.weights):
+        fix = "pass --weights random or omit --weights" if weights == "random" else "omit --weights"
         raise checkpoints.CheckpointError(f"{path} was trained on --weights {weights or '(torch.hub)'}, "
-                                          f"this run loads {cfg.weights or '(torch.hub)'}")
+                                          f"this run loads {cfg.weights or '(torch.hub)'}: {fix}")
     if weights != cfg.weights:
         print(f"note: {path} was trained on the backbone weights {weights or '(torch.hub)'}; this run loads "
               f"{cfg.weights or '(torch.hub)'}")
@@ -526,5 +590,9 @@ def ablation_runs(cfg):
     """(row name, the settings it changes, its folder OUT/ablation_ROW) of --ablation alpha or loss."""
     settings = ([(f"alpha = {a}", {"alpha": a}) for a in ALPHA_ABLATION]
                 if cfg.ablation == "alpha" else LOSS_ABLATION)
-    return [(name, change, Path(cfg.out) / ("ablation_" + "".join(c if c.isalnum() else "_" for c in name)))
-            for name, change in settings]
+    return [(name, change, Path(cfg.out) / ("ablation_" + folder_name(name))) for name, change in settings]
+
+
+def folder_name(setting):
+    """A readable folder name for a row: 'alpha = 0.25' -> 'alpha_0.25', '(2) L_smo + L_fs' -> '2_L_smo_L_fs'."""
+    return "_".join("".join(c if c.isalnum() or c in "._" else " " for c in setting).split()).strip("_")

@@ -600,4 +600,5 @@ class PredictFolder(Dataset):
         if problem:
             raise DataError(f"{sample['image']}: {problem}")
         size = predict_size(*image.shape[1:], self.short_side, self.stride)
-        return {"image": resize_image(image, size, self.interpolation).clamp(0, 1), "name": sample["name"]}  # (3, H', W')
+        return {"image": resize_image(image, size, self.interpolation).clamp(0, 1), "name": sample["name"],  # (3, H', W')
+                "size": torch.tensor(image.shape[1:])}  # the input's own (H, W), for the class-id PNG

@@ -51,7 +51,7 @@ from fcm import initial_centres  # the project's one k-means++ (on unit vectors:
 # ----------------------------------------------------------------------------------------------------
 
 def kmeans_cosine(x, k, n_iter=10, batch_size=8192, seed=0, n_init=1, init_sample=65536, chunk_size=262144,
-                  verbose=False):
+                  verbose=False, tick=None):
     """Cosine (spherical) mini-batch k-means (Sculley 2010 on the unit sphere), restarted n_init times.
 
     x (N, D) on any device (rows are L2-normalised here), k clusters, n_iter shuffled passes in mini-batches.
@@ -60,7 +60,7 @@ def kmeans_cosine(x, k, n_iter=10, batch_size=8192, seed=0, n_init=1, init_sampl
     v_c: c <- normalise(c + n_c / v_c (m_c - c)); counts restart every pass; an empty centre is re-seeded at
     a random point (not after the last pass). The run with the lowest loss, mean(1 - cos) to the nearest
     centre, is kept (label-free, as scikit-learn's n_init). One seeded generator drives every draw.
-    Returns (centres (k, D) float32 unit rows, assignments (N,) long, loss float).
+    tick() after every pass (progress). Returns (centres (k, D) float32 unit rows, assignments (N,) long, loss).
     needs: fcm.initial_centres
     """
     n_points, device = x.shape[0], x.device
@@ -83,6 +83,8 @@ def kmeans_cosine(x, k, n_iter=10, batch_size=8192, seed=0, n_init=1, init_sampl
                 rate = (batch_counts / counts.clamp_min(1.0))[:, None]                   # n_c / v_c (k, 1)
                 means = (one_hot.T @ batch) / batch_counts.clamp_min(1.0)[:, None]       # m_c (k, D)
                 centres = F.normalize(centres + rate * (means - centres), dim=1)
+            if tick is not None:
+                tick()
             if pass_index < n_iter - 1:                                                 # re-seed empty centres
                 replacement = x[torch.randint(n_points, (k,), device=device, generator=generator)]
                 centres = torch.where((counts == 0)[:, None], replacement, centres)
@@ -180,29 +182,31 @@ def flip_tta(code_fn, images):
 # The protocol
 # ----------------------------------------------------------------------------------------------------
 
-def collect_codes(code_fn, loader, device="cpu", flip=True):
+def collect_codes(code_fn, loader, device="cpu", flip=True, tick=None):
     """Code vectors (N, D) float32 on the CPU of every pixel of every image of `loader` (the k-means
-    training data); with flip TTA when `flip`."""
+    training data); with flip TTA when `flip`; tick(n) after every batch of n images (progress)."""
     vectors = []
     with torch.no_grad():
         for batch in loader:
             images = batch["image"].to(device).float()  # (B, 3, H, W)
             codes = flip_tta(code_fn, images) if flip else code_fn(images)  # (B, D, h, w)
             vectors.append(codes.float().permute(0, 2, 3, 1).reshape(-1, codes.shape[1]).cpu())
+            if tick is not None:
+                tick(images.shape[0])
     if not vectors:
         raise ValueError("collect_codes: the loader gave no images")
     return torch.cat(vectors)  # (N, D)
 
 
 def evaluate(code_fn, score_fn, loader, n_classes, probes, device="cpu", use_crf=True, flip=True, scale=2.0,
-             crf_kwargs=None, keep=0):
+             crf_kwargs=None, keep=0, tick=None):
     """Score every probe on one labelled split, before and after the dense CRF.
 
     code_fn(images (B, 3, H, W) in [0, 1]) -> codes (B, D, h, w); score_fn(images, codes, centres, size)
     -> the model's scores (B, K, H', W') (il2vseg.make_score_fn). loader: batches {"image", "label"
     (B, H, W), void -1, "name" (optional)}. probes: name -> centres (K, D). The codes of a batch are
     computed once (flip TTA when `flip`) and shared by all probes. keep: how many images to keep (CPU
-    copies with each probe's predictions) for pictures.
+    copies with each probe's predictions) for pictures. tick(n) after every batch of n images (progress).
     Returns {"probes": {name: {"before_crf": scores, "after_crf": scores or None, "raw_confusion_before",
     "raw_confusion_after"}}, "n_images": int, "kept": [(name, image, label, {probe: (pred, pred_crf)})]}.
     needs: flip_tta, cluster_probs, confusion_matrix, refine_with_crf, scores
@@ -231,6 +235,8 @@ def evaluate(code_fn, score_fn, loader, n_classes, probes, device="cpu", use_crf
                 kept.append((str(names[i]), image.cpu(), labels[i].cpu(),
                              {n: (p[i].cpu(), None if c is None else c[i].cpu()) for n, (p, c) in outputs.items()}))
             seen += images.shape[0]
+            if tick is not None:
+                tick(images.shape[0])
     return {
         "probes": {name: {"before_crf": scores(before), "after_crf": scores(after) if use_crf else None,
                           "clusters_used": int((before.sum(dim=0) > 0).sum()),  # of K, on the labelled pixels
@@ -268,8 +274,9 @@ def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu",
     "kmeans seed N" and their spread (in metrics.json; the table shows "kmeans" and "centres"). training: the
     training run's summary, kept in metrics.json."""
     _, val_set, fit_set = datasets
-    if not val_set.has_labels:
-        log(f"evaluation skipped: the {cfg.val_split} split has no labels (use --predict FOLDER to see the segmentation)")
+    if val_set is None or not val_set.has_labels:
+        log(f"evaluation skipped: {'no' if val_set is None else 'the'} {cfg.val_split} split "
+            f"{'' if val_set is None else 'has no labels '}(use --predict FOLDER to see the segmentation)")
         return None
     n_classes = val_set.n_classes
 
@@ -280,18 +287,24 @@ def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu",
     probes = {}
     if cfg.probe in ("kmeans", "both"):
         fit_split = cfg.val_split if cfg.kmeans_fit == "val" else cfg.train_split
-        vectors = collect_codes(code_fn, loader(val_set if cfg.kmeans_fit == "val" else fit_set), device,
-                                flip=cfg.flip_tta).to(device)  # (N, D)
+        fit_on = val_set if cfg.kmeans_fit == "val" else fit_set
+        ticker = results.Ticker(f"evaluation: codes of the {fit_split} split for k-means", len(fit_on), log)
+        vectors = collect_codes(code_fn, loader(fit_on), device, flip=cfg.flip_tta, tick=ticker.tick).to(device)  # (N, D)
+        ticker = results.Ticker(f"evaluation: k-means on {len(vectors)} codes", 10 * cfg.kmeans_restarts
+                                * cfg.kmeans_seeds, log, unit="passes")
         for s in range(cfg.kmeans_seeds):
-            centres, _, loss = kmeans_cosine(vectors, n_classes, seed=cfg.seed + s, n_init=cfg.kmeans_restarts)
+            centres, _, loss = kmeans_cosine(vectors, n_classes, seed=cfg.seed + s, n_init=cfg.kmeans_restarts,
+                                             tick=ticker.tick)
             probes["kmeans" if s == 0 else f"kmeans seed {cfg.seed + s}"] = centres
             log(f"k-means (seed {cfg.seed + s}, best of {cfg.kmeans_restarts}) on {len(vectors)} codes of the "
                 f"{fit_split} split: loss {loss:.4f}")
         del vectors
     if cfg.probe in ("centres", "both"):
         probes["centres"] = global_centres
+    ticker = results.Ticker(f"evaluation: {' and '.join(probes)} on the {cfg.val_split} split"
+                            + ("" if cfg.no_crf else ", with the CRF"), len(val_set), log)
     result = evaluate(code_fn, score_fn, loader(val_set), n_classes, probes, device, use_crf=not cfg.no_crf,
-                      flip=cfg.flip_tta, keep=cfg.save_images)
+                      flip=cfg.flip_tta, keep=cfg.save_images, tick=ticker.tick)
     seeds = [name for name in result["probes"] if name.startswith("kmeans")]
     if len(seeds) > 1:
         result["spread"] = spread(result, seeds)
@@ -301,13 +314,21 @@ def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu",
              "kept": [(name, image, label, {k: v for k, v in out.items() if k in main_probes})
                       for name, image, label, out in result["kept"]]}
     log(results.format_table(shown, val_set.class_names))
+    for line in results.table_notes(shown["probes"], cfg.eval_alpha):
+        log(line)
     settings = {key: getattr(cfg, key, None) for key in ("data", "arch", "val_split", "probe", "kmeans_fit",
                                                          "probe_images", "kmeans_restarts", "kmeans_seeds", "seed",
                                                          "eval_alpha", "eval_align", "flip_tta", "no_crf", "eval_crop")}
     settings["n_fit_images"] = len(val_set if cfg.kmeans_fit == "val" else fit_set) if "kmeans" in probes else 0
     out = getattr(cfg, "eval_out", None) or cfg.out  # cli.output_folder: beside an earlier run's results
-    results.write_metrics(out, {**result, "training": training} if training else result, settings)
-    results.save_pictures(out, shown)
+    made = results.provenance(cfg, getattr(cfg, "checkpoint_step", None))
+    path = results.write_metrics(out, {**result, "training": training} if training else result, settings, made)
+    pictures = results.save_pictures(out, shown)
+    if pictures:
+        results.write_provenance(pictures[0].parent, made)
+    if "warning" in made:
+        log(made["warning"])
+    log(f"wrote {path}" + (f" and {len(pictures)} pictures in {pictures[0].parent}" if pictures else ""))
     return result
 
 
@@ -320,12 +341,14 @@ def refine_with_crf(images, probs, crf_kwargs=None):
 
 
 def predict_folder(code_fn, score_fn, loader, centres, out_dir, device="cpu", matching=None, use_crf=True,
-                   flip=True, scale=2.0, crf_kwargs=None):
-    """Segment images without labels (`--predict FOLDER`): NAME_mask.png and NAME_overlay.png per image.
+                   flip=True, scale=2.0, crf_kwargs=None, tick=None):
+    """Segment images without labels (`--predict FOLDER`): NAME_mask.png (colours), NAME_overlay.png and
+    NAME_ids.png (the cluster id of every pixel, uint8; uint16 above 255) per image, at the input's own size when the batch
+    gives it ("size" (B, 2), as data.PredictFolder does); the scores are upsampled bilinearly to it.
 
     code_fn, score_fn: see evaluate. loader: batches {"image": (B, 3, H, W) in [0, 1], "name": unique output
     names}; centres (K, D), e.g. the global centres; matching (K,) cluster -> class for class colours (raw
-    cluster ids otherwise). Returns the written paths.
+    cluster ids otherwise). tick(n) after every batch of n images. Returns the written paths.
     needs: flip_tta, cluster_probs, refine_with_crf
     """
     lut = None if matching is None else torch.as_tensor(matching, dtype=torch.long)    # (K,)
@@ -337,11 +360,19 @@ def predict_folder(code_fn, score_fn, loader, centres, out_dir, device="cpu", ma
             probs = cluster_probs(score_fn, images, codes, centres, images.shape[-2:], scale)  # (B, K, H, W)
             if use_crf:
                 probs = refine_with_crf(images, probs, crf_kwargs)
-            pred = probs.argmax(dim=1).cpu()                                            # (B, H, W)
+            if "size" in batch:  # the input's own size (all images of a batch share it)
+                size = tuple(int(v) for v in batch["size"][0])
+                probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)  # (B, K, H0, W0)
+                images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)  # (B, 3, H0, W0)
+            pred = probs.argmax(dim=1).cpu()                                            # (B, H0, W0)
             if lut is not None:
                 pred = lut[pred]
             for i in range(images.shape[0]):
                 paths.extend(results.save_mask_and_overlay(out_dir, batch["name"][i], images[i].cpu(), pred[i]))
+                paths.append(results.save_class_ids(Path(out_dir) / f"{results.safe_stem(batch['name'][i])}_ids.png",
+                                                    pred[i]))
+            if tick is not None:
+                tick(images.shape[0])
     return paths
 
 

@@ -313,12 +313,15 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
         low_level = compiled_with_fallback(low_level, log)
     model.train()
     history, started, collapsed = [], time.time(), 0
+    last_line = started
+    log(loss_legend(cfg))
     for step, batch in enumerate(loader, start + 1):
         images = batch["image"].to(device, non_blocking=True)                   # (B, 3, H, W) in [0, 1]
         partners = batch["partner"].to(device, non_blocking=True) if "partner" in batch else None
         total, terms, f_seg = loss_terms(backbone, model, images, cfg, generator, low_level, partners)
         values = {**loss_values(total, terms, step), **cluster_usage(f_seg)}
-        logged = step % cfg.log_every == 0 or step == cfg.steps or step == start + 1
+        now = time.time()  # a line every --log-every steps, and at least every 10 s of work
+        logged = step % cfg.log_every == 0 or step == cfg.steps or step == start + 1 or now - last_line >= 10
         if cfg.verbose and logged:
             values["grad"] = head_gradients(model, total, terms, cfg)
         optimiser.zero_grad(set_to_none=True)
@@ -332,10 +335,12 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
                 f"{model.local_centres.shape[0]} clusters held {values['largest']:.0%} of the batch's pixels "
                 f"(perplexity {values['perplexity']:.1f}); the loss shifts may not fit this backbone: try --shifts calibrate")
         if logged:
-            rate = (step - start) * cfg.batch_size / max(time.time() - started, 1e-9)
-            log(f"step {step}/{cfg.steps} | " + " ".join(f"{k} {values[k]:+.4f}" for k in (*terms, "total"))
+            last_line, elapsed = time.time(), max(time.time() - started, 1e-9)
+            eta = elapsed / (step - start) * (cfg.steps - step)
+            log(f"step {step}/{cfg.steps} | {weighted_terms(values, cfg)}"
                 + f" | clusters: perplexity {values['perplexity']:.1f}, largest {values['largest']:.0%}"
-                + f" | {rate:.1f} img/s")
+                + f" | {(step - start) * cfg.batch_size / elapsed:.1f} img/s, "
+                + ("done" if step == cfg.steps else f"ETA {results.format_duration(eta)}"))
             if "grad" in values:
                 log("  gradient norm on the head, weighted as in eq (15): " + " ".join(
                     f"{k} {v:.4f}" for k, v in values["grad"].items() if k != "data")
@@ -343,8 +348,23 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoints.save_checkpoint(checkpoints.training_state(model, optimiser, step, generator, cfg), path)
             progress.update(saved=step, path=path)
-    log(f"checkpoint: {path}")
+    log(f"checkpoint: {path} (step {progress.get('saved', start)})")
     return history
+
+
+def loss_legend(cfg):
+    """The one line that says what the progress lines print."""
+    return (f"progress: each term of eq (15) as it enters the total: smo = L_smo, data = SmooSeg's data term "
+            f"(not in eq 15; it trains the local centres), corr = L_corr, gamma*fs = {cfg.gamma} L_fs, "
+            f"beta*reg = {cfg.beta} L_reg; clusters: perplexity of the batch's argmax shares (K when balanced), "
+            f"largest share")
+
+
+def weighted_terms(values, cfg):
+    """'smo +0.1 + data +0.2 + corr ... = total +0.3': the terms as weighted in eq (15)'s total."""
+    weighted = {"smo": values["smo"], "data": values["data"], "corr": values["corr"],
+                "gamma*fs": cfg.gamma * values["fs"], "beta*reg": cfg.beta * values["reg"]}
+    return " + ".join(f"{k} {v:+.4f}" for k, v in weighted.items()) + f" = total {values['total']:+.4f}"
 
 
 def compiled_with_fallback(low_level, log=print):
@@ -408,9 +428,19 @@ def predict_folder(backbone, model, cfg, device, images, out_dir, log=print):
     """--predict: a colour mask and an overlay per image, from the global centres (no labels needed)."""
     loader = torch.utils.data.DataLoader(images, batch_size=1, num_workers=cfg.num_workers)
     score_fn = make_score_fn(cfg, model.global_centres.shape[0], backbone.stride)
+    how = (f"centres probe ({results.PROBES['centres'].split(',')[0]}), "
+           + ("CRF off" if cfg.no_crf else "with the dense CRF")
+           + (f", --eval-alpha {cfg.eval_alpha} (F^l fused, eq 13)" if cfg.eval_alpha > 0 else ""))
+    log(f"predicting {len(images)} images of {cfg.predict}: {how}")
+    ticker = results.Ticker("prediction", len(images), log)
     paths = evaluate.predict_folder(make_code_fn(backbone, model), score_fn, loader, model.global_centres, out_dir,
-                                    device=device, use_crf=not cfg.no_crf, flip=cfg.flip_tta)
-    log(f"wrote {len(paths)} files for {len(images)} images to {out_dir}")
+                                    device=device, use_crf=not cfg.no_crf, flip=cfg.flip_tta, tick=ticker.tick)
+    made = results.write_provenance(out_dir, results.provenance(
+        cfg, getattr(cfg, "checkpoint_step", None), prediction=how,
+        files="NAME_ids.png: cluster id per pixel (uint8), NAME_mask.png: its colours, NAME_overlay.png: over the "
+              "image; all at the input's size"))
+    log(f"wrote {len(paths)} files for {len(images)} images to {out_dir} (NAME_ids.png, NAME_mask.png, "
+        f"NAME_overlay.png) and {made.name}")
     return paths
 
 
@@ -424,7 +454,9 @@ def train_and_evaluate(cfg, backbone, device, datasets, log=print, progress=None
     log(f"training on {len(datasets[0])} {cfg.data} images: {cfg.steps} steps, batch {cfg.batch_size}, crop "
         f"{cfg.crop}, alpha {cfg.alpha}, beta {cfg.beta}, gamma {cfg.gamma}, device {device}")
     history = train(backbone, model, datasets[0], cfg, device, log, progress)
-    return model, run_evaluation(backbone, model, cfg, device, datasets, log, training_summary(history, model.local_centres.shape[0]))
+    cfg.checkpoint_step = cfg.steps
+    return model, run_evaluation(backbone, model, cfg, device, datasets, log,
+                                 training_summary(history, model.local_centres.shape[0]))
 
 
 def training_summary(history, k):
@@ -445,10 +477,15 @@ def run_ablation(cfg, backbone, device, datasets, log=print):
         vars(run_cfg).update(change, resume=None, out=str(folder))
         log(f"=== ablation {name} -> {run_cfg.out}")
         rows.append((name, train_and_evaluate(run_cfg, backbone, device, datasets, log)[1]["probes"]))
-    title = "Figure 5: low-level cue weight" if cfg.ablation == "alpha" else "Table 4: loss terms"
-    table = results.format_ablation(title, rows)
+    title = "Figure 5: low-level cue weight (training alpha)" if cfg.ablation == "alpha" else "Table 4: loss terms"
+    made = results.provenance(cfg, cfg.steps)
+    table = results.format_ablation(title, rows, results.provenance_lines(made))
     log(table)
-    checkpoints.write_text_atomic(Path(cfg.out) / f"ablation_{cfg.ablation}.txt", table + "\n")
+    path = Path(cfg.out) / f"ablation_{cfg.ablation}.txt"
+    checkpoints.write_text_atomic(path, table + "\n")
+    if "warning" in made:
+        log(made["warning"])
+    log(f"wrote {path} and, per row, checkpoint.pt and metrics.json in {Path(cfg.out) / 'ablation_*'}")
     return rows
 
 
@@ -472,6 +509,7 @@ def run(cfg, progress):
             model, _ = train_and_evaluate(cfg, backbone, device, datasets, progress=progress)
         else:
             model = Segmenter(trained["n_clusters"], in_dim=backbone.dim, dim=cfg.dim).to(device)
+            cfg.checkpoint_step = trained["step"]
             checkpoints.restore(model, trained["model"], cfg.checkpoint)
             if cfg.eval:
                 run_evaluation(backbone, model, cfg, device, datasets)

@@ -37,6 +37,7 @@ import checkpoints
 import data
 import evaluate
 import losses
+import results
 
 # --------------------------------------------------------------------------------------------
 # 1. STEGO's nearest-neighbour images
@@ -141,6 +142,7 @@ def measure_pairings(backbone, dataset, neighbours, n_images, n_clusters, device
         return images, backbones.features(backbone, images)                               # (B, C1, h, w)
 
     batches = []
+    ticker = results.Ticker("calibration: backbone features", len(items), log)
     for start in range(0, len(items), batch_size):
         indices = items[start:start + batch_size]
         images, feats = features(indices)
@@ -149,6 +151,7 @@ def measure_pairings(backbone, dataset, neighbours, n_images, n_clusters, device
                     for i in indices] if neighbours is not None else indices
         batches.append((feats.cpu(), backbones.features(backbone, augmented).cpu(), features(partners)[1].cpu()))
         feats_of.update(zip(indices, feats.cpu()))
+        ticker.tick(len(indices))
     every = torch.cat([b[0] for b in batches])                                            # (N, C1, h, w)
     vectors = every.permute(0, 2, 3, 1).reshape(-1, every.shape[1])                       # (N h w, C1)
     centres, _, _ = evaluate.kmeans_cosine(vectors, n_clusters, seed=seed, n_init=3)

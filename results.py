@@ -4,8 +4,12 @@ Nothing of the paper is here: evaluate.py scores, this file shows the scores and
 Colours: class (or cluster) i is entry i of a fixed PASCAL-VOC-style palette; black is reserved for
 void pixels and unmatched clusters.
 """
+import datetime
+import hashlib
 import json
 import math
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +65,15 @@ def save_side_by_side(path, image, label, preds, gap=4):
     Image.fromarray(np.concatenate(row, axis=1)).save(path)
 
 
+def save_class_ids(path, pred):
+    """pred (H, W) ints -> a single-channel PNG of the class (cluster) ids, uint8 when every id fits (K <=
+    256), else uint16; a program reads it back with np.asarray(Image.open(path))."""
+    ids = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred).astype(np.int64)
+    dtype = np.uint8 if ids.max(initial=0) <= 255 else np.uint16
+    Image.fromarray(ids.astype(dtype)).save(path)
+    return Path(path)
+
+
 def save_mask_and_overlay(out_dir, name, image, pred, opacity=0.5):
     """OUT_DIR/NAME_mask.png (colours of pred (H, W)) and OUT_DIR/NAME_overlay.png (image blended with the
     mask; -1 pixels show the plain image). image (3, H, W) in [0, 1]. Returns the two paths."""
@@ -77,47 +90,67 @@ def save_mask_and_overlay(out_dir, name, image, pred, opacity=0.5):
     return mask_path, overlay_path
 
 
+NO_PIXELS, CRF_OFF = "n/a", "off"  # one meaning per symbol in the tables
+
+
 def percent(value):
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+    """A fraction in percent; NO_PIXELS where it is undefined (nan: no labelled pixel)."""
+    return NO_PIXELS if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def aligned(rows, left=1):
+    """Rows of cells (strings) as lines, every column as wide as its widest cell; the first `left`
+    columns left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in rows]
+
+
+PROBES = {"kmeans": "cosine k-means on the codes, Hungarian-matched to the classes",
+          "centres": "argmax over the trained global centres, Hungarian-matched to the classes"}
+
+
+def table_notes(probes, eval_alpha=0.0):
+    """The lines under a result table: units, symbols, what each probe is and whether eq (13) was fused in."""
+    lines = [f"IoU per class, pixel accuracy (Acc) and mIoU, in %; {NO_PIXELS}: no labelled pixel; "
+             f"{CRF_OFF}: CRF not run (--no-crf); +CRF: after the dense CRF"]
+    lines += [f"{name}: {PROBES[name]}" for name in PROBES if name in probes]
+    lines.append(f"--eval-alpha {eval_alpha}: " + ("F^l fused into the prediction, eq (13)" if eval_alpha > 0
+                                                   else "no low-level cue in the prediction"))
+    return lines
 
 
 def format_table(result, class_names=None):
-    """Per-class IoU, Acc and mIoU in percent, one column per probe before and after the CRF (a '-'
-    column when the CRF was off). result: evaluate.evaluate's dict (its "probes")."""
+    """Per-class IoU, Acc and mIoU in percent, one column per probe before and after the CRF (CRF_OFF
+    cells when the CRF was off). result: evaluate.evaluate's dict (its "probes")."""
     probes = result["probes"]
     columns = []  # (header, scores or None)
     for name, entry in probes.items():
         columns += [(name, entry["before_crf"]), (f"{name}+CRF", entry["after_crf"])]
     n_classes = len(next(iter(probes.values()))["before_crf"]["iou"])
     class_names = list(class_names) if class_names is not None else [f"class {i}" for i in range(n_classes)]
-    width = max([len(name) for name in class_names] + [5])
-    widths = [max(len(header), 6) for header, _ in columns]
-    header = f"{'class':<{width}}" + "".join(f"  {h:>{w}}" for (h, _), w in zip(columns, widths))
-    lines = [header, "-" * len(header)]
-    rows = [(class_names[c], [None if s is None else s["iou"][c] for _, s in columns]) for c in range(n_classes)]
-    rows += [("Acc", [None if s is None else s["acc"] for _, s in columns]),
-             ("mIoU", [None if s is None else s["miou"] for _, s in columns])]
-    for index, (name, values) in enumerate(rows):
-        if index == n_classes:
-            lines.append("-" * len(header))
-        lines.append(f"{name:<{width}}" + "".join(f"  {percent(v):>{w}}" for v, w in zip(values, widths)))
-    used = [str(entry["clusters_used"]) if "clusters_used" in entry else "-" for entry in probes.values()]
-    lines.append(f"{'clusters':<{width}}" + "".join(f"  {u:>{w}}  {'':>{w2}}" for u, w, w2 in
-                                                   zip(used, widths[::2], widths[1::2])))
-    return "\n".join(lines)
+    cell = lambda s, pick: CRF_OFF if s is None else percent(pick(s))
+    body = [[class_names[c]] + [cell(s, lambda s: s["iou"][c]) for _, s in columns] for c in range(n_classes)]
+    body += [["Acc"] + [cell(s, lambda s: s["acc"]) for _, s in columns],
+             ["mIoU"] + [cell(s, lambda s: s["miou"]) for _, s in columns]]
+    used = [["clusters"] + sum([[str(entry.get("clusters_used", NO_PIXELS)), ""] for entry in probes.values()], [])]
+    lines = aligned([["class"] + [h for h, _ in columns]] + body + used)
+    rule = "-" * max(len(line) for line in lines)
+    return "\n".join([lines[0], rule] + lines[1:1 + n_classes] + [rule] + lines[1 + n_classes:])
 
 
-def format_ablation(title, rows):
-    """The table of an ablation: one row per setting, Acc / mIoU of every probe before and after the CRF.
-    rows: [(setting name, evaluate.evaluate's "probes")]."""
+def format_ablation(title, rows, header_lines=()):
+    """The table of an ablation: one row per setting, Acc / mIoU of every probe before and after the CRF,
+    columns aligned. rows: [(setting name, evaluate.evaluate's "probes")]; header_lines: what made it."""
     probes = list(rows[0][1])
-    lines = [title + " (Acc / mIoU in %; '-' = CRF off)",
-             f"{'setting':<28}" + "".join(f" {p + ' ' + s:>20}" for p in probes for s in ("", "+CRF"))]
+    table = [["setting"] + [p + stage for p in probes for stage in ("", "+CRF")]]
     for name, entries in rows:
-        cells = [(entries[p][stage] or {}) for p in probes for stage in ("before_crf", "after_crf")]
-        lines.append(f"{name:<28}" + "".join(f" {percent(c.get('acc')) + ' / ' + percent(c.get('miou')):>20}"
-                                             for c in cells))
-    return "\n".join(lines)
+        cells = [entries[p][stage] for p in probes for stage in ("before_crf", "after_crf")]
+        table.append([name] + [CRF_OFF if c is None else f"{percent(c.get('acc'))} / {percent(c.get('miou'))}"
+                               for c in cells])
+    notes = [f"Acc / mIoU in %; {NO_PIXELS}: no labelled pixel; {CRF_OFF}: CRF not run"]
+    notes += [f"{name}: {PROBES[name]}" for name in PROBES if name in probes]
+    return "\n".join([title, *header_lines, *notes, *aligned(table)])
 
 
 def format_spread(summary, n_seeds):
@@ -146,11 +179,108 @@ def json_ready(value):
     return value
 
 
-def write_metrics(out_dir, result, settings):
-    """OUT_DIR/metrics.json: every probe's scores and raw confusion matrices plus the settings."""
+RANDOM_WARNING = ("WARNING: the backbone has random weights (--weights random): a smoke test, these scores "
+                  "say nothing about IL2Vseg")
+
+
+def code_version():
+    """`git describe --always --dirty` of the code's folder, or "unknown" (no git, not a clone)."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def weights_entry(weights, arch=None):
+    """"random", or {"file", "sha256" (its first 16 hex digits)} of a weights file, or torch.hub's file."""
+    if weights == "random":
+        return "random"
+    if weights is None:
+        return f"torch.hub: the published {arch} file" if arch else "torch.hub"
+    digest = hashlib.sha256()
+    try:
+        with open(weights, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return {"file": str(weights), "sha256": "unreadable"}
+    return {"file": str(weights), "sha256": digest.hexdigest()[:16]}
+
+
+def provenance(cfg, step=None, **extra):
+    """What made an output: weights, arch, data set and root, the checkpoint and its step, the date, the
+    code version and every setting of the run (plain values of cfg); a warning for random weights."""
+    settings = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None), list,
+                                                                     tuple, dict))}
+    made = {"weights": weights_entry(getattr(cfg, "weights", None), getattr(cfg, "arch", None)),
+            "arch": getattr(cfg, "arch", None), "data": getattr(cfg, "data", None),
+            "data_root": getattr(cfg, "data_root", None),
+            "checkpoint": str(getattr(cfg, "checkpoint", None) or Path(getattr(cfg, "out", None) or ".") / "checkpoint.pt"),
+            "step": step, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "code_version": code_version(), **extra, "settings": settings}
+    if made["weights"] == "random":
+        made = {"warning": RANDOM_WARNING, **made}
+    return made
+
+
+def provenance_lines(made):
+    """A provenance dict as a few '# ' header lines for a text table."""
+    weights = made["weights"]
+    weights = weights if isinstance(weights, str) else f"{weights['file']} (sha256 {weights['sha256']})"
+    lines = [f"# weights {weights}, arch {made['arch']}, data {made['data']} ({made['data_root'] or 'built in'})",
+             f"# {made['date']}, code {made['code_version']}; every setting: metrics.json of each row"]
+    return ([f"# {made['warning']}"] if "warning" in made else []) + lines
+
+
+def write_provenance(out_dir, made):
+    """OUT_DIR/provenance.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints.write_text_atomic(out_dir / "provenance.json", json.dumps(json_ready(made), indent=2) + "\n")
+    return out_dir / "provenance.json"
+
+
+def format_duration(seconds):
+    """12 s, 3 min 05 s, 1 h 02 min."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class Ticker:
+    """Progress of one stage: `tick(n)` after every n items done prints "STAGE: done/total UNIT, rate,
+    ETA" when `every` seconds passed since the last line (time-based, however slow an item is), and a
+    last line at the end if it printed any."""
+
+    def __init__(self, stage, total, log=print, unit="images", every=10.0, clock=time.monotonic):
+        self.stage, self.total, self.log, self.unit, self.every, self.clock = stage, total, log, unit, every, clock
+        self.started = self.last = clock()
+        self.done, self.printed = 0, False
+
+    def tick(self, n=1):
+        self.done += n
+        now = self.clock()
+        if now - self.last >= self.every or (self.printed and self.done >= self.total):
+            elapsed = max(now - self.started, 1e-9)
+            eta = elapsed / max(self.done, 1) * max(self.total - self.done, 0)
+            self.log(f"{self.stage}: {self.done}/{self.total} {self.unit}, {format_duration(elapsed)} so far, "
+                     + ("done" if self.done >= self.total else f"ETA {format_duration(eta)}"))
+            self.last, self.printed = now, True
+
+
+def write_metrics(out_dir, result, settings, made=None):
+    """OUT_DIR/metrics.json: every probe's scores and raw confusion matrices, the evaluation settings and
+    what made them (provenance, with its warning first for random weights)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {key: value for key, value in result.items() if key != "kept"}
+    if made is not None:
+        metrics = {**({"warning": made["warning"]} if "warning" in made else {}), "provenance": made, **metrics}
     metrics["settings"] = settings
     checkpoints.write_text_atomic(out_dir / "metrics.json", json.dumps(json_ready(metrics), indent=2))  # whole or not
     return out_dir / "metrics.json"

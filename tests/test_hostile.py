@@ -27,7 +27,8 @@ import il2vseg
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--probe-images", "4",
-        "--eval-images", "4", "--save-images", "0", "--no-crf", "--fcm-iters", "3", "--dim", "8"]
+        "--eval-images", "4", "--save-images", "0", "--no-crf", "--fcm-iters", "3", "--dim", "8",
+        "--knn", "0", "--shifts", "published"]  # no calibration, no neighbours: seconds, not minutes
 
 
 def one_error_line(capsys):
@@ -49,7 +50,7 @@ def test_train_refuses_a_folder_that_holds_a_checkpoint(tmp_path, capsys):
     out = trained_folder(tmp_path)
     capsys.readouterr()
     before = (out / "checkpoint.pt").read_bytes()
-    assert il2vseg.main(["--train", "--steps", "1", "--dim", "16", "--out", str(out)] + TINY[:-2]) == 1
+    assert il2vseg.main(["--train", "--steps", "1", "--dim", "16", "--out", str(out)] + TINY[:-6] + TINY[-4:]) == 1
     line, printed = one_error_line(capsys)
     assert "already holds checkpoint.pt" in line and "--resume" in line and "--overwrite" in line
     assert "RANDOMLY INITIALISED" not in printed  # refused before the weights load
@@ -113,7 +114,7 @@ def test_predictions_of_files_with_the_same_stem_do_not_collide(tmp_path, capsys
     assert il2vseg.main(["--predict", str(photos), "--out", str(out)] + TINY) == 0
     masks = sorted(p.name for p in (out / "predictions").glob("*_mask.png"))
     assert len(masks) == 2 and len(set(masks)) == 2
-    assert "wrote 4 files for 2 images" in capsys.readouterr().out
+    assert "wrote 6 files for 2 images" in capsys.readouterr().out  # ids, mask, overlay each
 
 
 # -------------------------------------------------------------------------------- poisoned numbers
@@ -149,7 +150,7 @@ def test_a_nan_head_is_named_as_the_first_loss_term_it_poisons(tmp_path, monkeyp
     import losses
     monkeypatch.setattr(losses, "data_loss", lambda inner_local, inner_global, *a, **k: inner_local.sum() * 0)
     out = tmp_path / "run"
-    cfg = cli.resolve_defaults(cli.parse_args(["--out", str(out), "--align", align, "--knn", "2"] + TINY),
+    cfg = cli.resolve_defaults(cli.parse_args(["--out", str(out), "--align", align] + TINY + ["--knn", "2"]),
                                torch.device("cpu"))
     backbone = backbones.VisionTransformer(patch=8, dim=32, depth=1, heads=2, pretrain_size=32).eval()
     model = il2vseg.build_model(cfg, backbone, 3, "cpu")
@@ -280,22 +281,22 @@ def test_ablation_on_an_unlabelled_val_split_fails_before_training(tmp_path, cap
 
 def test_ablation_refuses_a_folder_that_holds_earlier_ablation_runs(tmp_path, capsys):
     out = tmp_path / "run"
-    (out / "ablation_alpha___0_5").mkdir(parents=True)
-    (out / "ablation_alpha___0_5" / "checkpoint.pt").write_bytes(b"earlier work")
+    (out / "ablation_alpha_0.5").mkdir(parents=True)
+    (out / "ablation_alpha_0.5" / "checkpoint.pt").write_bytes(b"earlier work")
     assert il2vseg.main(["--ablation", "alpha", "--out", str(out)] + TINY) == 1
     line, printed = one_error_line(capsys)
-    assert "already holds runs of --ablation alpha (ablation_alpha___0_5)" in line and "--overwrite" in line
+    assert "already holds runs of --ablation alpha (ablation_alpha_0.5)" in line and "--overwrite" in line
     assert "RANDOMLY INITIALISED" not in printed  # refused before the weights load
-    assert (out / "ablation_alpha___0_5" / "checkpoint.pt").read_bytes() == b"earlier work"
+    assert (out / "ablation_alpha_0.5" / "checkpoint.pt").read_bytes() == b"earlier work"
 
 
 def test_eval_refuses_random_weights_for_a_trained_backbone_and_the_reverse(tmp_path, capsys):
     out = trained_folder(tmp_path)  # trained on --weights random
     capsys.readouterr()
-    hub = [a for a in TINY if a not in ("--weights", "random")]
-    assert il2vseg.main(["--eval", "--out", str(out)] + hub) == 1
+    other = [a for a in TINY if a not in ("--weights", "random")] + ["--weights", str(tmp_path / "dino.pth")]
+    assert il2vseg.main(["--eval", "--out", str(out)] + other) == 1
     line, _ = one_error_line(capsys)
-    assert "was trained on --weights random, this run loads (torch.hub)" in line
+    assert "was trained on --weights random" in line and "pass --weights random or omit --weights" in line
 
 
 def test_ctrl_c_before_the_first_save_says_nothing_was_saved(tmp_path, capsys, monkeypatch):
@@ -333,7 +334,7 @@ def test_predict_refuses_extreme_aspect_ratios_up_front(tmp_path, capsys):
 
 def test_kill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     command = [sys.executable, str(REPO / "il2vseg.py"), "--train", "--steps", "8", "--save-every", "1",
-               "--eval-images", "1", "--probe", "centres"] + TINY[:2] + TINY[2:]
+               "--eval-images", "1", "--probe", "centres"] + TINY
     whole = tmp_path / "whole"
     subprocess.run(command + ["--out", str(whole)], check=True, capture_output=True, timeout=300)
     broken = tmp_path / "broken"

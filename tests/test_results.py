@@ -36,10 +36,72 @@ def test_format_table_has_a_column_per_probe_before_and_after_the_crf():
     table = results.format_table(result, ["road", "sky"])
     lines = table.splitlines()
     assert lines[0].split() == ["class", "kmeans", "kmeans+CRF", "centres", "centres+CRF"]
-    assert lines[-3].split() == ["Acc", "50.0", "75.0", "40.0", "-"]
-    assert lines[-2].split() == ["mIoU", "25.0", "50.0", "20.0", "-"]
+    assert lines[-3].split() == ["Acc", "50.0", "75.0", "40.0", "off"]  # the CRF did not run
+    assert lines[-2].split() == ["mIoU", "25.0", "50.0", "20.0", "off"]
     assert lines[-1].split() == ["clusters", "2", "1"]  # how many of the K clusters each probe predicts
-    assert lines[3].split() == ["sky", "-", "50.0", "0.0", "-"]
+    assert lines[3].split() == ["sky", "n/a", "50.0", "0.0", "off"]  # n/a: no labelled pixel, never "off"
+    ends = {len(line) for line in lines if not line.startswith(("-", "clusters"))}
+    assert len(ends) == 1  # every column right-aligned to the same edge
+
+
+def test_ablation_table_is_aligned_and_says_what_made_it():
+    entry = {"before_crf": scores(0.5, 0.25, [0.5]), "after_crf": None}
+    rows = [("alpha = 0.0", {"kmeans": entry, "centres": entry}), ("alpha = 0.25", {"kmeans": entry, "centres": entry})]
+    made = {"warning": results.RANDOM_WARNING, "weights": "random", "arch": "vits8", "data": "synthetic",
+            "data_root": None, "date": "2026-12-02T13:00:00+00:00", "code_version": "abc123"}
+    table = results.format_ablation("Figure 5", rows, results.provenance_lines(made)).splitlines()
+    assert table[0] == "Figure 5" and "random weights" in table[1] and "weights random" in table[2]
+    header, *body = table[-3:]
+    assert header.split() == ["setting", "kmeans", "kmeans+CRF", "centres", "centres+CRF"]
+    assert body[0].split()[3:] == ["50.0", "/", "25.0", "off", "50.0", "/", "25.0", "off"]
+    assert body[1].startswith("alpha = 0.25")
+    for word in ("kmeans ", "kmeans+CRF", "centres ", "centres+CRF"):  # every cell ends under its header
+        end = header.index(word) + len(word.strip())
+        assert all(line[end - 1] != " " and line[end:end + 1] in ("", " ") for line in body)
+
+
+def test_provenance_names_weights_hash_date_and_version(tmp_path):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    cfg = type("Cfg", (), {})()
+    vars(cfg).update(weights=str(weights), arch="vits8", data="folder", data_root="/d", checkpoint=None,
+                     out=str(tmp_path), alpha=0.5, corr_shifts={"aug": 0.1})
+    made = results.provenance(cfg, 7)
+    import hashlib
+    assert made["weights"] == {"file": str(weights), "sha256": hashlib.sha256(b"weights").hexdigest()[:16]}
+    assert made["step"] == 7 and made["data_root"] == "/d" and made["settings"]["alpha"] == 0.5
+    assert made["checkpoint"] == str(tmp_path / "checkpoint.pt") and made["date"].startswith("20")
+    assert made["code_version"] and "warning" not in made
+    cfg.weights = "random"
+    made = results.provenance(cfg)
+    assert made["weights"] == "random" and list(made)[0] == "warning"
+    path = results.write_metrics(tmp_path, {"probes": {}}, {}, made)
+    assert list(json.loads(path.read_text()))[:2] == ["warning", "provenance"]  # the first thing a reader sees
+
+
+def test_ticker_prints_by_time_not_by_count():
+    clock, lines = [0.0], []
+    ticker = results.Ticker("stage", 10, lines.append, every=10.0, clock=lambda: clock[0])
+    for seconds in (1, 2, 12, 13, 30):
+        clock[0] = seconds
+        ticker.tick()
+    assert len(lines) == 2  # at 12 s and at 30 s: one line per 10 s of work, however many items
+    assert lines[0] == "stage: 3/10 images, 12 s so far, ETA 28 s"
+    clock[0] = 40
+    ticker.tick(5)
+    assert lines[-1] == "stage: 10/10 images, 40 s so far, done"
+    quiet = results.Ticker("quick", 2, lines.append, every=10.0, clock=lambda: 0.0)
+    quiet.tick(2)
+    assert len(lines) == 3  # a stage that never took 10 s prints nothing
+
+
+def test_class_ids_png_is_read_back_exactly(tmp_path):
+    pred = torch.tensor([[0, 1, 2], [254, 255, 3]])
+    path = results.save_class_ids(tmp_path / "x_ids.png", pred)
+    back = np.asarray(Image.open(path))
+    assert back.dtype == np.uint8 and np.array_equal(back, pred.numpy())
+    wide = results.save_class_ids(tmp_path / "w_ids.png", torch.tensor([[0, 300]]))
+    assert np.array_equal(np.asarray(Image.open(wide)).astype(np.int64), [[0, 300]])  # uint16 above 255
 
 
 def test_format_spread():

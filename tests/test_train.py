@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,26 +176,38 @@ def test_missing_dataset_folder_is_one_clear_line(tmp_path):
 
 
 def test_cli_train_eval_predict_resume_end_to_end(tmp_path):
-    """The README's main command in miniature: train, evaluate, predict, resume."""
+    """The README's main command in miniature: train, then evaluate, predict and resume, each taking the
+    weights, crops and training settings from the checkpoint."""
     out = tmp_path / "run"
-    common = [sys.executable, str(REPO / "il2vseg.py"), "--weights", "random", "--out", str(out),
-              "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--eval-images", "4",
+    common = [sys.executable, str(REPO / "il2vseg.py"), "--out", str(out), "--eval-images", "4",
               "--probe-images", "8", "--save-images", "2", "--fcm-iters", "5"]
-    result = subprocess.run(common + ["--train", "--steps", "2"], capture_output=True, text=True, timeout=300)
+    trained = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--knn", "0", "--shifts", "published"]
+    result = subprocess.run(common + trained + ["--train", "--steps", "2"], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     assert "RANDOMLY INITIALISED" in result.stdout and "mIoU" in result.stdout
+    lines = result.stdout.splitlines()
+    table_end = max(i for i, line in enumerate(lines) if line.startswith("mIoU"))
+    assert any("random weights" in line for line in lines[table_end:])  # said again beside the table
+    assert f"wrote {out / 'metrics.json'}" in result.stdout and "checkpoint: " in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     for probe in ("kmeans", "centres"):
         entry = metrics["probes"][probe]
         assert 0 <= entry["before_crf"]["acc"] <= 1 and 0 <= entry["after_crf"]["miou"] <= 1
     assert metrics["settings"]["kmeans_fit"] == "train" and metrics["settings"]["n_fit_images"] == 8
+    made = metrics["provenance"]
+    assert "random" in metrics["warning"] and made["weights"] == "random" and made["step"] == 2
+    assert made["settings"]["crop"] == 32 and made["settings"]["alpha"] == 0.5 and made["arch"] == "vits8"
     assert len(list((out / "side_by_side").glob("*.png"))) == 2
+    assert json.loads((out / "side_by_side" / "provenance.json").read_text())["weights"] == "random"
     assert checkpoints.load_checkpoint(out / "checkpoint.pt")["step"] == 2
 
-    result = subprocess.run(common + ["--train", "--resume", "--steps", "3"], capture_output=True, text=True,
-                            timeout=300)
+    # --resume without --weights, --crop or --batch-size: the checkpoint's
+    result = subprocess.run(common + ["--train", "--resume", "--steps", "3", "--no-crf"], capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "resumed" in result.stdout and checkpoints.load_checkpoint(out / "checkpoint.pt")["step"] == 3
+    assert "weights random" in result.stdout and "batch-size 4" in result.stdout
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -203,26 +216,35 @@ def test_cli_train_eval_predict_resume_end_to_end(tmp_path):
     result = subprocess.run(common + ["--eval", "--predict", str(folder)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
+    assert "the command line did not give them): weights random, eval-crop 32" in result.stdout
     assert (out / "predictions" / "red_mask.png").is_file() and (out / "predictions" / "red_overlay.png").is_file()
+    ids = Image.open(out / "predictions" / "red_ids.png")
+    assert ids.size == (50, 37) and ids.mode == "L"  # the input's own size, one class id per pixel
+    made = json.loads((out / "predictions" / "provenance.json").read_text())
+    assert made["step"] == 3 and "centres" in made["prediction"] and "with the dense CRF" in made["prediction"]
+    assert json.loads((out / "metrics.json").read_text())["provenance"]["step"] == 3
 
 
 def test_ablation_commands_print_their_tables(tmp_path, capsys):
-    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--steps", "1",
+    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--knn", "0", "--shifts", "published", "--steps", "1",
               "--eval-images", "4", "--probe-images", "4", "--save-images", "0", "--no-crf", "--fcm-iters", "3"]
     # the README's two commands, into the same --out: each ablation has its own folders
     assert il2vseg.main(["--ablation", "loss", "--out", str(tmp_path)] + common) == 0
     table = (tmp_path / "ablation_loss.txt").read_text()
-    assert "Table 4" in table and "(4) L_smo + L_fs + L_corr" in table and table.count("\n") == 6
+    assert "Table 4" in table and "(4) L_smo + L_fs + L_corr" in table
+    assert sum(line.startswith("(") for line in table.splitlines()) == 4 and "weights random" in table
+    assert (tmp_path / "ablation_4_L_smo_L_fs_L_corr" / "metrics.json").is_file()
     assert il2vseg.main(["--ablation", "alpha", "--out", str(tmp_path)] + common) == 0
     table = (tmp_path / "ablation_alpha.txt").read_text()
     assert "Figure 5" in table and all(f"alpha = {a}" in table for a in (0.0, 0.25, 0.5, 0.75, 1.0))
     assert "Figure 5" in capsys.readouterr().out
     row = [line for line in table.splitlines() if line.startswith("alpha = 0.5")][0]
-    assert row.count("- / -") == 2  # --no-crf: the after-CRF columns say so instead of repeating before-CRF numbers
+    assert row.split()[-1] == "off" and row.count("off") == 2  # --no-crf: the after-CRF columns say so
+    assert (tmp_path / "ablation_alpha_0.25").is_dir()
 
 
 def test_checkpoint_of_another_configuration_is_one_clear_line(tmp_path, capsys):
-    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--probe-images", "4",
+    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--knn", "0", "--shifts", "published", "--probe-images", "4",
               "--eval-images", "4", "--save-images", "0", "--no-crf", "--fcm-iters", "3", "--out", str(tmp_path)]
     assert il2vseg.main(["--train", "--steps", "1", "--dim", "16"] + common) == 0
     # evaluation takes the head's shape from the checkpoint, whatever --dim says
@@ -246,7 +268,7 @@ def test_checkpoint_of_another_configuration_is_one_clear_line(tmp_path, capsys)
 
 
 def test_eval_takes_the_head_and_the_low_level_settings_from_the_checkpoint(tmp_path, monkeypatch):
-    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--probe-images", "4",
+    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--knn", "0", "--shifts", "published", "--probe-images", "4",
               "--eval-images", "4", "--save-images", "0", "--no-crf", "--out", str(tmp_path)]
     trained = ["--dim", "16", "--fcm-iters", "3", "--fcm-m", "1.5", "--fcm-sigma", "0.2", "--affinity", "global",
                "--radius", "1", "--align", "hard"]
@@ -330,17 +352,24 @@ def test_bad_numbers_are_refused_before_any_work(argv, fragment, capsys):
     assert len(err) == 1 and fragment in err[0]
 
 
-def test_folder_without_labels_trains_and_skips_evaluation(tmp_path, capsys):
+def test_folder_without_labels_trains_without_a_val_split_and_predicts(tmp_path, capsys):
+    """Your own images: a folder of unlabelled training images, no val split; then --predict with neither
+    --data nor --n-classes (the checkpoint's)."""
     from PIL import Image
-    for split in ("train", "val"):
-        (tmp_path / "imgs" / split).mkdir(parents=True)
-        for i in range(4):
-            Image.new("RGB", (40, 40), (60 * i, 100, 200 - 40 * i)).save(tmp_path / "imgs" / split / f"{i}.png")
+    (tmp_path / "imgs" / "train").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 100, 200 - 40 * i)).save(tmp_path / "imgs" / "train" / f"{i}.png")
+    out = str(tmp_path / "run")
     assert il2vseg.main(["--train", "--weights", "random", "--data", "folder", "--data-root", str(tmp_path),
-                         "--n-classes", "2", "--crop", "32", "--eval-crop", "32", "--batch-size", "4",
-                         "--steps", "1", "--fcm-iters", "3", "--out", str(tmp_path / "run")]) == 0
-    assert "evaluation skipped" in capsys.readouterr().out
+                         "--n-classes", "2", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--knn", "0",
+                         "--steps", "1", "--fcm-iters", "3", "--out", out]) == 0
+    assert "evaluation skipped: no val split" in capsys.readouterr().out
     assert not (tmp_path / "run" / "metrics.json").exists()
+    assert il2vseg.main(["--predict", str(tmp_path / "imgs" / "train"), "--out", out, "--no-crf"]) == 0
+    printed = capsys.readouterr().out
+    assert "data folder" in printed and "n-classes 2" in printed and "CRF off" in printed
+    ids = np.asarray(Image.open(tmp_path / "run" / "predictions" / "0_ids.png"))
+    assert ids.shape == (40, 40) and ids.max() <= 1
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -357,7 +386,7 @@ def test_mistakes_stop_before_the_weights_load_and_before_training(argv, fragmen
 
 
 def test_eval_results_go_beside_the_checkpoint_by_default(tmp_path):
-    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--probe-images", "4",
+    common = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--knn", "0", "--shifts", "published", "--probe-images", "4",
               "--eval-images", "4", "--save-images", "0", "--no-crf", "--fcm-iters", "3"]
     assert il2vseg.main(["--train", "--steps", "1", "--out", str(tmp_path / "exp")] + common) == 0
     (tmp_path / "exp" / "metrics.json").unlink()
