@@ -305,7 +305,7 @@ def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu",
                                                          "eval_alpha", "eval_align", "flip_tta", "no_crf", "eval_crop")}
     settings["n_fit_images"] = len(val_set if cfg.kmeans_fit == "val" else fit_set) if "kmeans" in probes else 0
     results.write_metrics(cfg.out, {**result, "training": training} if training else result, settings)
-    results.save_pictures(cfg.out, shown)
+    results.save_pictures(cfg.out, shown, val_set.class_names)
     return result
 
 
@@ -339,7 +339,9 @@ def predict_folder(code_fn, score_fn, loader, centres, out_dir, device="cpu", ma
             if lut is not None:
                 pred = lut[pred]
             for i in range(images.shape[0]):
-                paths.extend(results.save_mask_and_overlay(out_dir, batch["name"][i], images[i].cpu(), pred[i]))
+                paths.extend(results.save_mask_and_overlay(out_dir, batch["name"][i], images[i].cpu(), pred[i],
+                                                           caption="centres" + (" + CRF" if use_crf else ""),
+                                                           what="cluster" if lut is None else "class"))
     return paths
 
 
