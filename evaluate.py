@@ -340,7 +340,7 @@ def predict_folder(code_fn, score_fn, loader, centres, out_dir, device="cpu", ma
                 pred = lut[pred]
             for i in range(images.shape[0]):
                 paths.extend(results.save_mask_and_overlay(out_dir, batch["name"][i], images[i].cpu(), pred[i],
-                                                           caption="centres" + (" + CRF" if use_crf else ""),
+                                                           caption="prediction (global centres" + (" + CRF)" if use_crf else ")"),
                                                            what="cluster" if lut is None else "class"))
     return paths
 

@@ -451,7 +451,7 @@ def explain_folder(backbone, model, cfg, device, images, out_dir, alpha, align, 
         panels = [(results.image_to_uint8(image[0]), "image"), (big(results.image_to_uint8(s["x"])), "x, eq (1)"),
                   (ids(s["P"]), "argmax P, eq (8)"), (ids(s["f_low"]), "argmax F^l, eq (12)"),
                   (big(pictures.heat(s["f_low"].max(0).values.cpu().numpy(), 0, 1)), "max_k F^l (0..1)"),
-                  (heat, f"A row of {pixel[0]},{pixel[1]}, eqs 9-11"), (ids(s["f_seg"]), "argmax F^seg, eq (2)"),
+                  (heat, f"row of A at {pixel[0]},{pixel[1]}, eqs 9-11"), (ids(s["f_seg"]), "argmax F^seg, eq (2)"),
                   (ids(s["f_fused"]), f"argmax F^f, eq (13), a={alpha:g}"),
                   (results.colourise(s["pred"]), "prediction")]
         panels += [(results.colourise(s["pred_crf"]), "prediction + CRF")] if s["pred_crf"] is not None else []
