@@ -330,7 +330,9 @@ def train(backbone, model, dataset, cfg, device, log=print, progress=None):
                 + f" | clusters: perplexity {values['perplexity']:.1f}, largest {values['largest']:.0%}"
                 + f" | {rate:.1f} img/s")
             if "grad" in values:
-                log("  gradient on the head: " + " ".join(f"{k} {v:.4f}" for k, v in values["grad"].items()))
+                log("  gradient norm on the head, weighted as in eq (15): " + " ".join(
+                    f"{k} {v:.4f}" for k, v in values["grad"].items() if k != "data")
+                    + " (SmooSeg's data term trains only the local centres)")
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoints.save_checkpoint(checkpoints.training_state(model, optimiser, step, generator, cfg), path)
             progress["saved"] = step
@@ -516,7 +518,7 @@ def run(cfg, progress):
     device = cli.settle(cfg)                                     # defaults and every flag checked
     datasets, predict_set = cli.build_datasets(cfg)              # every file checked before any weights load
     explain_set = cli.explain_images(cfg)
-    trained = None if cfg.train or cfg.ablation else cli.trained_checkpoint(cfg, datasets)
+    trained = None if cfg.train or cfg.ablation or cfg.calibrate else cli.trained_checkpoint(cfg, datasets)
     with cli.output_folder(cfg):                                 # writable, locked, nothing overwritten
         backbone = backbones.load_backbone(cfg.arch, cfg.weights, seed=cfg.seed).to(device)
         if cfg.calibrate:

@@ -33,7 +33,8 @@ MUTATIONS = [
      "losses.smoothness_loss(signal, probs, cfg.shift_far, cfg.shift_close, perm=perm)"),
     ("cli.py", 'cfg.corr_shifts, cfg.corr_weights = constants["stego_shifts"], constants["stego_weights"]',
      'cfg.corr_shifts, cfg.corr_weights = constants["stego_weights"], constants["stego_shifts"]'),
-    ("cli.py", "constants = losses.loss_constants(cfg.data, cfg.arch)", "constants = losses.loss_constants(cfg.data)"),
+    # the shifts a run uses are settled by pairs.settle_shifts (cli.resolve_defaults' are overwritten there)
+    ("pairs.py", "constants = losses.loss_constants(cfg.data, cfg.arch)", "constants = losses.loss_constants(cfg.data)"),
     ("il2vseg.py", "probs = torch.softmax(scores / cfg.smooth_temperature, dim=1)", "probs = torch.softmax(scores, dim=1)"),
     ("il2vseg.py", "data_term = losses.data_loss(inner_local, scores)", "data_term = losses.data_loss(inner_local, inner_local)"),
     ("il2vseg.py", "inner_local = cosine_to_centres(codes.detach(), model.local_centres)",

@@ -128,3 +128,12 @@ def test_settle_shifts_published_never_measures(monkeypatch):
     cfg = types.SimpleNamespace(data="cityscapes", arch="vits8", shifts="published")
     pairs.settle_shifts(cfg, None, None, None, "cpu", log=lambda *a: None)
     assert (cfg.shift_close, cfg.shift_far) == (-0.02, 0.5)
+
+
+def test_the_calibrate_command_needs_no_trained_checkpoint(tmp_path):
+    import il2vseg
+    tiny = ["--weights", "random", "--crop", "32", "--batch-size", "4", "--dim", "8", "--knn", "0",
+            "--calibrate-images", "4"]
+    assert il2vseg.main(["--calibrate", "--out", str(tmp_path)] + tiny) == 0
+    assert (tmp_path / "calibration.json").exists() and (tmp_path / "calibration.png").exists()
+    assert not (tmp_path / "checkpoint.pt").exists()  # measuring trains nothing

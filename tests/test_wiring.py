@@ -295,6 +295,7 @@ MEASURED = {"close": 0.11, "far": 0.22, "pos_intra": 0.33, "pos_inter": 0.44, "a
     ("cityscapes", "vits8", "auto", False, True),      # SmooSeg tuned Cityscapes for ViT-S/8, STEGO for ViT-B/8
     ("cityscapes", "vitb8", "auto", True, False),
     ("cocostuff", "vits8", "auto", False, False),      # both tuned COCO-Stuff for ViT-S/8
+    ("cocostuff", "resnet50-mocov2", "auto", True, False),  # STEGO tuned MoCo v2 on COCO-Stuff: its own constants
     ("camvid", "vits8", "auto", True, True),           # nobody tuned CamVid
     ("cocostuff", "vits8", "calibrate", True, True),
     ("camvid", "vits8", "published", False, False)])
