@@ -44,6 +44,17 @@ class Parser(argparse.ArgumentParser):
 EVALUATE_PY = "--as-evaluate.py"  # evaluate.py's marker: the first argument is then its CHECKPOINT
 
 
+def pixel_position(text):
+    """--explain-pixel ROW,COL -> (row, col), both integers >= 0."""
+    try:
+        row, col = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROW,COL (two integers)") from None
+    if row < 0 or col < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: ROW and COL must be >= 0")
+    return row, col
+
+
 def parse_args(argv=None):
     """The flags of il2vseg.py (and of evaluate.py: `python evaluate.py CHECKPOINT [flags]` = --eval
     --checkpoint CHECKPOINT). cfg.typed lists the flags as typed, for `check_conflicts`."""
@@ -59,6 +70,10 @@ def parse_args(argv=None):
     a.add_argument("--train", action="store_true", help="train the head and centres, then evaluate")
     a.add_argument("--eval", action="store_true", help="evaluate --checkpoint (or OUT/checkpoint.pt) on the val split")
     a.add_argument("--predict", metavar="FOLDER", default=None, help="write a colour mask and overlay for every image in FOLDER")
+    a.add_argument("--explain", metavar="FOLDER", default=None,
+                   help="write OUT/explain/NAME.png for every image in FOLDER: each stage of the method, captioned")
+    a.add_argument("--explain-pixel", metavar="ROW,COL", type=pixel_position, default=None,
+                   help="the pixel whose row of the colour affinity A --explain shows (default: the image centre)")
     a.add_argument("--ablation", choices=["alpha", "loss"], default=None,
                    help="train + evaluate once per setting of Figure 5 (alpha) or Table 4 (loss) and print the table")
     a.add_argument("--calibrate", action="store_true",
@@ -298,6 +313,8 @@ def resolve_defaults(cfg, device):
             setattr(cfg, key, value)
     if cfg.data not in data.DATASETS:
         raise ValueError(f"--data {cfg.data}: unknown data set, choose one of {', '.join(data.DATASETS)}")
+    if cfg.ablation and (cfg.eval or cfg.predict or cfg.explain or cfg.resume):
+        raise ValueError("--ablation trains and evaluates every setting itself: use it without --eval, --predict, --explain and --resume")
     if not (cfg.use_smo or cfg.use_fs or cfg.use_reg or cfg.use_corr):
         raise ValueError("every loss term is switched off (--no-smo --no-fs --no-reg --no-corr): nothing to train")
     if cfg.data == "folder" and not cfg.n_classes:
@@ -356,8 +373,9 @@ def settle(cfg):
     checked (one line for the first that is wrong)."""
     check_conflicts(cfg)
     cfg.train = cfg.train or bool(cfg.resume)
-    if not (cfg.train or cfg.eval or cfg.predict or cfg.ablation or cfg.calibrate):
-        raise UsageError("nothing to do: pass --train, --eval, --predict FOLDER, --ablation or --calibrate (see --help)")
+    if not (cfg.train or cfg.eval or cfg.predict or cfg.ablation or cfg.calibrate or cfg.explain):
+        raise UsageError("nothing to do: pass --train, --eval, --predict FOLDER, --explain FOLDER, --ablation or "
+                         "--calibrate (see --help)")
     device = pick_device(cfg.device)
     carry_settings(cfg)
     resolve_defaults(cfg, device)
@@ -451,6 +469,15 @@ def unlabelled_folder_without_val(cfg):
     root = Path(cfg.data_root or ".")
     return (cfg.data == "folder" and cfg.train and not cfg.eval and not (root / "labels").is_dir()
             and not (root / "imgs" / cfg.val_split).is_dir())
+
+
+def explain_images(cfg):
+    """The images of --explain FOLDER (as --predict reads them), every file checked; None without it."""
+    if not cfg.explain:
+        return None
+    images = data.PredictFolder(cfg.explain, cfg.eval_crop, backbones.ARCHS[cfg.arch]["stride"], cfg.resize)
+    data.check_files(images)
+    return images
 
 
 def trained_checkpoint(cfg, datasets):

@@ -323,7 +323,7 @@ def run_protocol(code_fn, score_fn, global_centres, datasets, cfg, device="cpu",
     out = getattr(cfg, "eval_out", None) or cfg.out  # cli.output_folder: beside an earlier run's results
     made = results.provenance(cfg, getattr(cfg, "checkpoint_step", None))
     path = results.write_metrics(out, {**result, "training": training} if training else result, settings, made)
-    pictures = results.save_pictures(out, shown)
+    pictures = results.save_pictures(out, shown, val_set.class_names)
     if pictures:
         results.write_provenance(pictures[0].parent, made)
     if "warning" in made:
@@ -368,7 +368,9 @@ def predict_folder(code_fn, score_fn, loader, centres, out_dir, device="cpu", ma
             if lut is not None:
                 pred = lut[pred]
             for i in range(images.shape[0]):
-                paths.extend(results.save_mask_and_overlay(out_dir, batch["name"][i], images[i].cpu(), pred[i]))
+                paths.extend(results.save_mask_and_overlay(out_dir, batch["name"][i], images[i].cpu(), pred[i],
+                                                           caption="prediction (global centres" + (" + CRF)" if use_crf else ")"),
+                                                           what="cluster" if lut is None else "class"))
                 paths.append(results.save_class_ids(Path(out_dir) / f"{results.safe_stem(batch['name'][i])}_ids.png",
                                                     pred[i]))
             if tick is not None:

@@ -35,6 +35,7 @@ import evaluate
 import fcm
 import losses
 import pairs
+import pictures
 import results
 
 # --------------------------------------------------------------------------------------------
@@ -444,6 +445,66 @@ def predict_folder(backbone, model, cfg, device, images, out_dir, log=print):
     return paths
 
 
+@torch.no_grad()
+def explain_stages(backbone, model, cfg, images, alpha, align, pixel):
+    """Every stage of the method for images (1, 3, H, W) in [0, 1], wired as loss_terms (training, eval
+    mode, at `alpha` and `align`) and make_score_fn (the --predict prediction from the global centres).
+    pixel (row, col) of the image. Returns {name: tensor} on the feature grid (h, w) unless said."""
+    K, stride = model.global_centres.shape[0], backbone.stride
+    code_fn = make_code_fn(backbone, model)
+    codes = code_fn(images)                                                    # F^c (1, D, h, w)
+    x = fcm.downsample(images, stride)                                         # eq (1)  (1, 3, h, w)
+    P, _, _ = fcm.spatial_fcm(x, K, cfg.fcm_m, max_iter=cfg.fcm_iters)         # eqs (3)-(8)  (1, K, h, w)
+    f_low = low_level_branch(cfg, K, stride)(images)                           # eq (12)  F^l (1, K, h, w)
+    f_seg = cosine_to_centres(codes, model.global_centres)                     # eq (2)  (1, K, h, w)
+    f_fused = fuse(f_seg, align_clusters(f_low, f_seg, how=align) if alpha > 0 else f_low, alpha)  # eq (13)
+    predicted = evaluate.flip_tta(code_fn, images) if cfg.flip_tta else codes
+    probs = evaluate.cluster_probs(make_score_fn(cfg, K, stride), images, predicted, model.global_centres,
+                                   images.shape[-2:])                          # (1, K, H, W)
+    h, w = x.shape[-2:]
+    row, col = min(pixel[0] // stride, h - 1), min(pixel[1] // stride, w - 1)
+    affinity = fcm.colour_affinity(x, cfg.fcm_sigma)[0, row * w + col].reshape(h, w)  # eqs (9)-(11): A's row
+    if cfg.affinity != "global":  # "local": the (2r+1)^2 window the run uses; "none": F^l = P, A = I
+        r = cfg.radius if cfg.affinity == "local" else 0
+        rows, cols = torch.arange(h)[:, None], torch.arange(w)[None]
+        affinity = affinity * (((rows - row).abs() <= r) & ((cols - col).abs() <= r)).to(affinity)
+    return {"x": x[0], "P": P[0], "f_low": f_low[0], "f_seg": f_seg[0], "f_fused": f_fused[0],
+            "pred": probs[0].argmax(0), "pred_crf": None if cfg.no_crf else
+            evaluate.refine_with_crf(images, probs)[0].argmax(0), "affinity": affinity, "cell": (row, col)}
+
+
+def explain_folder(backbone, model, cfg, device, images, out_dir, alpha, align, log=print):
+    """--explain: OUT_DIR/NAME.png per image, the captioned stages of explain_stages in two rows."""
+    K, paths = model.global_centres.shape[0], []
+    for index, item in enumerate(images):
+        image = item["image"][None].to(device)                                # (1, 3, H, W)
+        where = images.samples[index]["image"] if hasattr(images, "samples") else item["name"]
+        H, W = image.shape[-2:]
+        pixel = cfg.explain_pixel or (H // 2, W // 2)
+        if not (0 <= pixel[0] < H and 0 <= pixel[1] < W):
+            raise ValueError(f"{where}: --explain-pixel {pixel[0]},{pixel[1]} lies outside the image "
+                             f"as the model sees it ({H} rows, {W} columns)")
+        s = explain_stages(backbone, model, cfg, image, alpha, align, pixel)
+        big = lambda panel: pictures.enlarge(panel, H, W)  # noqa: E731 - the feature grid at the image's size
+        ids = lambda scores: big(results.colourise(scores.argmax(0)))  # noqa: E731
+        heat = pictures.mark(big(pictures.heat(s["affinity"].cpu().numpy(), 0, 1)), *pixel)
+        panels = [(results.image_to_uint8(image[0]), "image"), (big(results.image_to_uint8(s["x"])), "x, eq (1)"),
+                  (ids(s["P"]), "argmax P, eq (8)"), (ids(s["f_low"]), "argmax F^l, eq (12)"),
+                  (big(pictures.heat(s["f_low"].max(0).values.cpu().numpy(), 0, 1)), "max_k F^l (0..1)"),
+                  (heat, f"row of A at {pixel[0]},{pixel[1]}, eqs 9-11"), (ids(s["f_seg"]), "argmax F^seg, eq (2)"),
+                  (ids(s["f_fused"]), f"argmax F^f, eq (13), a={alpha:g}"),
+                  (results.colourise(s["pred"]), "prediction")]
+        panels += [(results.colourise(s["pred_crf"]), "prediction + CRF")] if s["pred_crf"] is not None else []
+        names = [f"cluster {k}" for k in range(K)]
+        title = (f"{item['name']}: {cfg.checkpoint or cfg.out}, K={K}, alpha={alpha:g}, align {align}; "
+                 f"P and F^l number FCM's clusters, the others the head's")
+        picture = pictures.grid(panels, columns=5, entries=pictures.legend_entries(names, results.palette(K)),
+                                title=title)
+        paths.append(pictures.save_png(Path(out_dir) / f"{results.safe_stem(item['name'])}.png", picture))
+    log(f"wrote {len(paths)} pictures of the stages to {out_dir}")
+    return paths
+
+
 # --------------------------------------------------------------------------------------------
 # Training and evaluating in one go, and the paper's ablations (Figure 5, Table 4; cli.ablation_runs)
 # --------------------------------------------------------------------------------------------
@@ -486,6 +547,10 @@ def run_ablation(cfg, backbone, device, datasets, log=print):
     if "warning" in made:
         log(made["warning"])
     log(f"wrote {path} and, per row, checkpoint.pt and metrics.json in {Path(cfg.out) / 'ablation_*'}")
+    random = " (--weights random: untrained backbone)" if cfg.weights == "random" else ""
+    chart = pictures.save_png(Path(cfg.out) / f"ablation_{cfg.ablation}.png",
+                              pictures.ablation_chart(f"{title}: mIoU on {cfg.data} {cfg.val_split}{random}", rows))
+    log(f"chart: {chart}")
     return rows
 
 
@@ -497,6 +562,7 @@ def run(cfg, progress):
     """What `python il2vseg.py ...` does: data, backbone, train or load, evaluate, predict."""
     device = cli.settle(cfg)                                     # defaults and every flag checked
     datasets, predict_set = cli.build_datasets(cfg)              # every file checked before any weights load
+    explain_set = cli.explain_images(cfg)
     trained = None if cfg.train or cfg.ablation or cfg.calibrate else cli.trained_checkpoint(cfg, datasets)
     with cli.output_folder(cfg, predict_set):                    # writable, locked, nothing overwritten
         backbone = backbones.load_backbone(cfg.arch, cfg.weights, seed=cfg.seed).to(device)
@@ -515,6 +581,10 @@ def run(cfg, progress):
                 run_evaluation(backbone, model, cfg, device, datasets)
         if cfg.predict:
             predict_folder(backbone, model, cfg, device, predict_set, Path(cfg.predict_out))
+        if cfg.explain:
+            trained_cfg = trained["config"] if trained else vars(cfg)
+            explain_folder(backbone, model, cfg, device, explain_set, Path(cfg.out) / "explain",
+                           trained_cfg.get("alpha", cfg.alpha), trained_cfg.get("align", cfg.align))
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import checkpoints
+import pictures
 
 
 def palette(n):
@@ -54,15 +55,16 @@ def safe_stem(name):
     return Path(str(name).replace("/", "_").replace("\\", "_")).stem
 
 
-def save_side_by_side(path, image, label, preds, gap=4):
-    """PNG of image | ground truth | each prediction in `preds` (class ids (H, W), -1 black), white gaps."""
-    panels = [image_to_uint8(image), colourise(label)] + [colourise(p) for p in preds]
-    spacer = np.full((panels[0].shape[0], gap, 3), 255, dtype=np.uint8)
-    row = [panels[0]]
-    for panel in panels[1:]:
-        row += [spacer, panel]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(row, axis=1)).save(path)
+def save_side_by_side(path, image, label, preds, captions=None, class_names=None):
+    """PNG of image | ground truth | each prediction in `preds` (class ids (H, W), -1 black), a caption over
+    each panel (`captions` for the predictions) and a legend of the class colours (pictures.grid)."""
+    n_classes = len(class_names) if class_names is not None else int(max([label.max()] + [p.max() for p in preds])) + 1
+    names = list(class_names) if class_names is not None else [f"class {i}" for i in range(n_classes)]
+    captions = list(captions) if captions is not None else [f"prediction {i + 1}" for i in range(len(preds))]
+    panels = [(image_to_uint8(image), "image"), (colourise(label), "ground truth")]
+    panels += [(colourise(p), caption) for p, caption in zip(preds, captions)]
+    entries = pictures.legend_entries(names, palette(n_classes), void="void / unmatched")
+    return pictures.save_png(path, pictures.grid(panels, entries=entries))
 
 
 def save_class_ids(path, pred):
@@ -74,9 +76,10 @@ def save_class_ids(path, pred):
     return Path(path)
 
 
-def save_mask_and_overlay(out_dir, name, image, pred, opacity=0.5):
-    """OUT_DIR/NAME_mask.png (colours of pred (H, W)) and OUT_DIR/NAME_overlay.png (image blended with the
-    mask; -1 pixels show the plain image). image (3, H, W) in [0, 1]. Returns the two paths."""
+def save_mask_and_overlay(out_dir, name, image, pred, opacity=0.5, caption="prediction", what="cluster"):
+    """OUT_DIR/NAME_mask.png (colours of pred (H, W)) and OUT_DIR/NAME_overlay.png: captioned panels of the
+    image and the image blended with the mask (-1 pixels show the plain image), a legend of the ids
+    present (named `what` N). image (3, H, W) in [0, 1]. Returns the two paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = safe_stem(name)
@@ -86,7 +89,11 @@ def save_mask_and_overlay(out_dir, name, image, pred, opacity=0.5):
     blended = np.where(labelled, (1 - opacity) * picture + opacity * mask, picture)
     mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
     Image.fromarray(mask).save(mask_path)
-    Image.fromarray(blended.round().astype(np.uint8)).save(overlay_path)
+    ids = np.unique(np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred))
+    ids = ids[(ids >= 0) & (ids < 255)]
+    entries = pictures.legend_entries([f"{what} {i}" for i in ids], colourise(ids[None])[0])
+    panels = [(image_to_uint8(image), "image"), (blended.round().astype(np.uint8), caption)]
+    pictures.save_png(overlay_path, pictures.grid(panels, entries=entries))
     return mask_path, overlay_path
 
 
@@ -286,18 +293,20 @@ def write_metrics(out_dir, result, settings, made=None):
     return out_dir / "metrics.json"
 
 
-def save_pictures(out_dir, result):
+def save_pictures(out_dir, result, class_names=None):
     """OUT_DIR/side_by_side/NAME.png for every kept image: image | ground truth | each probe before and
-    after the CRF, the predictions coloured through each probe's split-wide matching."""
+    after the CRF, the predictions coloured through each probe's split-wide matching, captioned."""
     paths = []
     for name, image, label, outputs in result["kept"]:
-        preds = []
+        preds, captions = [], []
         for probe, (pred, pred_crf) in outputs.items():
             entry = result["probes"][probe]
             preds.append(torch.tensor(entry["before_crf"]["matching"])[pred])
+            captions.append(f"{probe} probe")
             if pred_crf is not None:
                 preds.append(torch.tensor(entry["after_crf"]["matching"])[pred_crf])
+                captions.append(f"{probe} probe + CRF")
         path = Path(out_dir) / "side_by_side" / f"{safe_stem(name)}.png"
-        save_side_by_side(path, image, label, preds)
+        save_side_by_side(path, image, label, preds, captions, class_names)
         paths.append(path)
     return paths

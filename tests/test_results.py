@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import pictures
 import results
 
 
@@ -129,8 +130,9 @@ def test_pictures_show_each_probe_through_its_own_matching(tmp_path):
     (path,) = results.save_pictures(tmp_path, result)
     assert path == tmp_path / "side_by_side" / "dir_x.png"
     picture = np.asarray(Image.open(path))
-    assert picture.shape == (2, 4 * 2 + 3 * 4, 3)
-    truth, panel_a, panel_b = picture[:, 6:8], picture[:, 12:14], picture[:, 18:20]
+    assert picture.shape[1] == 4 * 2 + 3 * pictures.GAP
+    truth, panel_a, panel_b = [picture[top:top + 2, left:left + 2] for top, left in
+                               (pictures.panel_origin(i, 2, 2, 4) for i in (1, 2, 3))]
     assert (panel_a[:, :][label >= 0] == truth[label >= 0]).all()  # probe a's matching undoes its order
     assert not (panel_b[label >= 0] == truth[label >= 0]).all()
 
@@ -140,7 +142,9 @@ def test_mask_and_overlay(tmp_path):
     pred = torch.tensor([[0, 1, -1], [2, 2, -1]])
     mask_path, overlay_path = results.save_mask_and_overlay(tmp_path, "a/b.jpg", image, pred, opacity=0.5)
     assert mask_path.name == "a_b_mask.png" and overlay_path.name == "a_b_overlay.png"
-    mask, overlay = np.asarray(Image.open(mask_path)), np.asarray(Image.open(overlay_path))
+    mask, picture = np.asarray(Image.open(mask_path)), np.asarray(Image.open(overlay_path))
+    top, left = pictures.panel_origin(1, 2, 3, 2)
+    overlay = picture[top:top + 2, left:left + 3]  # the second panel, under its caption
     assert np.array_equal(mask, results.colourise(pred))
     assert (overlay[:, 2] == 128).all()  # -1 pixels show the plain image
     expected = np.round(0.5 * 128 + 0.5 * mask[0, 0].astype(np.float32)).astype(np.uint8)
