@@ -1,6 +1,5 @@
 """The pictures: captioned panels and legends, the stages of --explain (the model's own tensors), the chart."""
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
