@@ -2,7 +2,6 @@
 data set's loader on a tiny tree in its official layout, the real files in ../shared, bad input as one
 DataError line naming the file, and the synthetic scenes."""
 
-import time
 import warnings
 
 import numpy as np
