@@ -280,8 +280,8 @@ def carry_settings(cfg, log=print):
                                           f"--arch {cfg.arch}: pass --arch {trained['arch']} or omit --arch")
     taken = []
     for key in dict.fromkeys(CARRIED + (checkpoints.RESUME_MUST_MATCH if cfg.resume else ())):
-        if key in cfg.explicit or key not in trained:
-            continue
+        if key in cfg.explicit or key not in trained or not hasattr(cfg, key):
+            continue  # typed, not stored, or not a flag (train_files: what the run finds, check_resume compares it)
         if key == "data_root" and cfg.data != trained.get("data"):
             continue  # another data set: its own root
         if key == "n_classes" and trained[key] is None and cfg.data == "folder":

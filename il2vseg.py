@@ -535,7 +535,7 @@ def run_ablation(cfg, backbone, device, datasets, log=print):
     rows = []
     for name, change, folder in cli.ablation_runs(cfg):
         run_cfg = copy.deepcopy(cfg)
-        vars(run_cfg).update(change, resume=None, out=str(folder))
+        vars(run_cfg).update(change, resume=None, out=str(folder), eval_out=None)  # each row's results in its folder
         log(f"=== ablation {name} -> {run_cfg.out}")
         rows.append((name, train_and_evaluate(run_cfg, backbone, device, datasets, log)[1]["probes"]))
     title = "Figure 5: low-level cue weight (training alpha)" if cfg.ablation == "alpha" else "Table 4: loss terms"

@@ -128,7 +128,7 @@ def bar_chart(title, groups, series, ylabel="%"):
     values in percent (0..100), written over each bar, no bar for None. Axis, ticks, title, legend."""
     left, top, height = CHART_LEFT, CHART_TOP, CHART_HEIGHT
     group_w = len(series) * BAR_W + 16
-    width = max(left + len(groups) * group_w + 10, text_width(title) + 20)
+    width = max(left + len(groups) * group_w + 10, left + text_width(title) + 10)
     picture = Image.new("RGB", (width, top + height + 40), "white")
     draw = ImageDraw.Draw(picture)
     draw.text((left, 4), title, fill="black", font=font())

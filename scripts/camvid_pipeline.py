@@ -224,6 +224,7 @@ class Precomputed(torch.utils.data.Dataset):
     def __init__(self, dataset):
         self.items = [dataset[i] for i in range(len(dataset))]
         self.n_classes, self.class_names, self.random_crop = dataset.n_classes, dataset.class_names, False
+        self.samples = dataset.samples  # the file list (data.files_fingerprint)
 
     def __len__(self):
         return len(self.items)

@@ -459,8 +459,8 @@ def test_predict_folder(tmp_path):
     batches = [{"image": b["image"], "name": b["name"]} for b in fake_batches(n_batches=1)]
     paths = evaluate.predict_folder(make_code_fn([]), cosine_scores, batches, true_centres(), tmp_path, use_crf=False,
                                     matching=[2, 0, 1])
-    assert sorted(p.name for p in paths) == ["img_0_0_mask.png", "img_0_0_overlay.png",
-                                             "img_0_1_mask.png", "img_0_1_overlay.png"]
+    assert sorted(p.name for p in paths) == ["img_0_0_ids.png", "img_0_0_mask.png", "img_0_0_overlay.png",
+                                             "img_0_1_ids.png", "img_0_1_mask.png", "img_0_1_overlay.png"]
     mask = np.asarray(Image.open(tmp_path / "img_0_0_mask.png"))
     assert mask.shape == (32, 32, 3)
     # cluster c is drawn in the colour of class matching[c]

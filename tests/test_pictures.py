@@ -93,7 +93,7 @@ def test_ablation_writes_its_chart(tmp_path, monkeypatch):
 
 
 def picture_title(cfg):
-    return "Figure 5: low-level cue weight: mIoU on synthetic val (--weights random: untrained backbone)"
+    return "Figure 5: low-level cue weight (training alpha): mIoU on synthetic val (--weights random: untrained backbone)"
 
 
 def tiny_setup(tmp_path, K=3):

@@ -250,18 +250,18 @@ def test_checkpoint_of_another_configuration_is_one_clear_line(tmp_path, capsys)
     # evaluation takes the head's shape from the checkpoint, whatever --dim says
     assert il2vseg.main(["--eval"] + common) == 0
     # resuming into a head of another shape cannot work: one line naming the file
-    cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3)
-    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, length=8)
+    cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, knn=0, shifts="published")
+    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=32, length=64)
     with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint.pt does not fit this Segmenter"):
         il2vseg.train(tiny_backbone(), il2vseg.Segmenter(5, in_dim=32, dim=16), dataset, cfg,
                       torch.device("cpu"), log=lambda *a: None)
     # nor another backbone file
-    cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, weights="/data/other.pth")
+    cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, weights="/data/other.pth", knn=0, shifts="published")
     with pytest.raises(checkpoints.CheckpointError, match="trained with --weights random, this run asks for /data/other.pth"):
         il2vseg.train(tiny_backbone(), il2vseg.Segmenter(3, in_dim=32, dim=16), dataset, cfg,
                       torch.device("cpu"), log=lambda *a: None)
     # a resumed run must see the same data stream: another batch size is refused up front
-    cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, batch_size=2)
+    cfg = config(tmp_path, resume=True, steps=2, dim=16, fcm_iters=3, batch_size=2, knn=0, shifts="published")
     with pytest.raises(checkpoints.CheckpointError, match=r"trained with --batch-size 4, this run asks for 2"):
         il2vseg.train(tiny_backbone(), il2vseg.Segmenter(3, in_dim=32, dim=16), dataset, cfg,
                       torch.device("cpu"), log=lambda *a: None)
