@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import checkpoints
 import pictures
@@ -72,7 +71,7 @@ def save_class_ids(path, pred):
     256), else uint16; a program reads it back with np.asarray(Image.open(path))."""
     ids = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred).astype(np.int64)
     dtype = np.uint8 if ids.max(initial=0) <= 255 else np.uint16
-    Image.fromarray(ids.astype(dtype)).save(path)
+    pictures.save_png(path, ids.astype(dtype))  # atomic, as every file written
     return Path(path)
 
 
@@ -88,7 +87,7 @@ def save_mask_and_overlay(out_dir, name, image, pred, opacity=0.5, caption="pred
     labelled = (np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred) >= 0)[..., None]
     blended = np.where(labelled, (1 - opacity) * picture + opacity * mask, picture)
     mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
-    Image.fromarray(mask).save(mask_path)
+    pictures.save_png(mask_path, mask)
     ids = np.unique(np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred))
     ids = ids[(ids >= 0) & (ids < 255)]
     entries = pictures.legend_entries([f"{what} {i}" for i in ids], colourise(ids[None])[0])
