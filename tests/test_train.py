@@ -160,14 +160,14 @@ def test_batches_depend_only_on_seed_and_step():
 
 
 @pytest.mark.parametrize("argv", [["--alpha", "1.5"], ["--data", "nope"], ["--data", "folder"]])
-def test_bad_settings_are_one_clear_line(argv, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "il2vseg.py"), "--train", "--weights", "random",
-                             "--out", str(tmp_path)] + argv, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+def test_bad_settings_are_one_clear_line(argv, tmp_path, capsys):
+    assert il2vseg.main(["--train", "--weights", "random", "--out", str(tmp_path)] + argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
 
 
 def test_missing_dataset_folder_is_one_clear_line(tmp_path):
+    """As a command, in its own process: stderr holds the one line and nothing else, the exit code is 1."""
     result = subprocess.run([sys.executable, str(REPO / "il2vseg.py"), "--train", "--weights", "random",
                              "--data", "cityscapes", "--data-root", str(tmp_path / "nowhere"),
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
@@ -175,15 +175,15 @@ def test_missing_dataset_folder_is_one_clear_line(tmp_path):
     assert "nowhere" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_cli_train_eval_predict_resume_end_to_end(tmp_path):
-    """The README's main command in miniature: train, then evaluate, predict and resume, each taking the
-    weights, crops and training settings from the checkpoint."""
+def test_cli_train_eval_predict_resume_end_to_end(tmp_path, capsys):
+    """The README's main command in miniature: train (as a command, in its own process), then resume,
+    evaluate and predict (through main, in this process), each taking the weights, crops and training
+    settings from the checkpoint."""
     out = tmp_path / "run"
-    common = [sys.executable, str(REPO / "il2vseg.py"), "--out", str(out), "--eval-images", "4",
-              "--probe-images", "8", "--save-images", "2", "--fcm-iters", "5"]
+    common = ["--out", str(out), "--eval-images", "4", "--probe-images", "8", "--save-images", "2", "--fcm-iters", "5"]
     trained = ["--weights", "random", "--crop", "32", "--eval-crop", "32", "--batch-size", "4", "--knn", "0", "--shifts", "published"]
-    result = subprocess.run(common + trained + ["--train", "--steps", "2"], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, str(REPO / "il2vseg.py")] + common + trained + ["--train", "--steps", "2"],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "RANDOMLY INITIALISED" in result.stdout and "mIoU" in result.stdout
     lines = result.stdout.splitlines()
@@ -203,20 +203,17 @@ def test_cli_train_eval_predict_resume_end_to_end(tmp_path):
     assert checkpoints.load_checkpoint(out / "checkpoint.pt")["step"] == 2
 
     # --resume without --weights, --crop or --batch-size: the checkpoint's
-    result = subprocess.run(common + ["--train", "--resume", "--steps", "3", "--no-crf"], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "resumed" in result.stdout and checkpoints.load_checkpoint(out / "checkpoint.pt")["step"] == 3
-    assert "weights random" in result.stdout and "batch-size 4" in result.stdout
+    assert il2vseg.main(common + ["--train", "--resume", "--steps", "3", "--no-crf"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed" in printed and checkpoints.load_checkpoint(out / "checkpoint.pt")["step"] == 3
+    assert "weights random" in printed and "batch-size 4" in printed
 
     folder = tmp_path / "photos"
     folder.mkdir()
     from PIL import Image
     Image.new("RGB", (50, 37), (200, 30, 30)).save(folder / "red.png")
-    result = subprocess.run(common + ["--eval", "--predict", str(folder)], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "the command line did not give them): weights random, eval-crop 32" in result.stdout
+    assert il2vseg.main(common + ["--eval", "--predict", str(folder)]) == 0
+    assert "the command line did not give them): weights random, eval-crop 32" in capsys.readouterr().out
     assert (out / "predictions" / "red_mask.png").is_file() and (out / "predictions" / "red_overlay.png").is_file()
     ids = Image.open(out / "predictions" / "red_ids.png")
     assert ids.size == (50, 37) and ids.mode == "L"  # the input's own size, one class id per pixel
