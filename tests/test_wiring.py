@@ -276,6 +276,18 @@ def test_the_align_switch_reaches_eq13(tmp_path, monkeypatch):
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("reading", ["laplacian", "correlation"])
+def test_the_fs_reading_switch_reaches_eq14(tmp_path, monkeypatch, reading):
+    """--fs-reading picks which formula of eq (14) computes L_fs and L_reg, and only that one is called."""
+    cfg, backbone, model, images = step_inputs(tmp_path, "--fs-reading", reading)
+    chosen, other = ("feature_similarity_losses", "feature_correlation_losses")[::1 if reading == "laplacian" else -1]
+    spies = {name: Spy(monkeypatch, losses, name) for name in (chosen, other)}
+    _, terms, _ = il2vseg.loss_terms(backbone, model, images, cfg, torch.Generator().manual_seed(0))
+    assert len(spies[chosen].calls) == 1 and not spies[other].calls
+    fs, reg = spies[chosen].results[0]
+    assert terms["fs"] is fs and terms["reg"] is reg
+
+
 def test_fusion_in_all_feeds_the_fused_scores_to_smoothness_and_data_terms(tmp_path, monkeypatch):
     cfg, backbone, model, images = step_inputs(tmp_path, "--fusion-in", "all")
     smo, data_term = Spy(monkeypatch, losses, "smoothness_loss"), Spy(monkeypatch, losses, "data_loss")
@@ -286,6 +298,21 @@ def test_fusion_in_all_feeds_the_fused_scores_to_smoothness_and_data_terms(tmp_p
     fused = (1 - 0.6) * f_seg + 0.6 * aligned(cue, f_seg)
     torch.testing.assert_close(smo.calls[0][0][1], torch.softmax(fused / SMOOSEG_TEMPERATURE, dim=1))
     torch.testing.assert_close(data_term.calls[0][0][1], fused)
+
+
+def test_each_step_draws_each_items_nearest_neighbour_anew(tmp_path):
+    """The kNN partner of item i at step t: neighbour number rng([seed, t, i]).integers(k) of its k (STEGO
+    draws one of its nearest at every step), the image as the same epoch crops it."""
+    dataset = data.build_dataset("synthetic", None, split="train", mode="train", crop_size=CROP, length=N_ITEMS)
+    neighbours = np.array([[(i + 1) % N_ITEMS, (i + 2) % N_ITEMS, (i + 3) % N_ITEMS] for i in range(N_ITEMS)])
+    items = il2vseg.EpochItems(dataset, neighbours, seed=5)
+    index, epoch = 2, 1
+    drawn = [int(np.random.default_rng([5, step, index]).integers(3)) for step in range(8)]
+    assert len(set(drawn)) > 1  # the draws differ between steps, so a fixed step would be seen
+    for step, choice in enumerate(drawn):
+        partner = items[(epoch, step, index)]["partner"]
+        dataset.set_epoch(epoch)
+        assert torch.equal(partner, dataset[int(neighbours[index, choice])]["image"]), step
 
 
 MEASURED = {"close": 0.11, "far": 0.22, "pos_intra": 0.33, "pos_inter": 0.44, "aug": 0.55, "neg_inter": 0.66}
@@ -423,6 +450,23 @@ def test_no_flip_tta_and_no_crf_change_what_they_say_and_nothing_else(tmp_path, 
     for probe in ("kmeans", "centres"):
         assert plain["probes"][probe]["after_crf"] is None
         assert plain["probes"][probe]["before_crf"] == with_crf["probes"][probe]["before_crf"], probe
+
+
+def test_the_crf_refines_the_probabilities_the_prediction_before_it_is_taken_from(monkeypatch):
+    """evaluate(): the dense CRF gets softmax(scale F) of the probe's scores, the same tensor whose argmax
+    is the prediction before the CRF, at the scale asked for (5 here, not SmooSeg's default 2)."""
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, K, (2, 16, 16), generator=torch.Generator().manual_seed(1))
+    codes, centres = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(2)), torch.randn(K, 8)
+
+    def score_fn(images, codes, centres, size):
+        return il2vseg.cosine_to_centres(F.interpolate(codes, size=size, mode="bilinear"), centres)
+    crf = Spy(monkeypatch, evaluate, "refine_with_crf")
+    evaluate.evaluate(lambda x: codes, score_fn, [{"image": images, "label": labels}], K, {"probe": centres},
+                      flip=False, scale=5.0)
+    (crf_images, probs, _), _ = crf.calls[0]
+    torch.testing.assert_close(probs, torch.softmax(5.0 * score_fn(images, codes, centres, (16, 16)), dim=1))
+    assert torch.equal(crf_images, images)
 
 
 @pytest.mark.parametrize("align", [None, "likelihood", "soft", "hard"])
