@@ -5,7 +5,7 @@ wrong call, a switch ignored) the script copies the repository's tracked files i
 folder, applies the mistake, runs tests/test_wiring.py (then the whole suite if the wiring tests miss
 it) and prints which test failed first. A mutation that no test notices is a hole in the tests.
 
-    python scripts/wiring_mutations.py            # all mutations (about 10 minutes on 2 CPU cores)
+    python scripts/wiring_mutations.py            # all 41 (3.5 minutes on 2 idle CPU cores, 2026-12-02)
     python scripts/wiring_mutations.py --only 3   # one of them
 """
 import argparse
