@@ -3,7 +3,8 @@
 For every mutation below (a realistic one-line mistake: a constant swapped, a tensor passed to the
 wrong call, a switch ignored) the script copies the repository's tracked files into a temporary
 folder, applies the mistake, runs tests/test_wiring.py (then the whole suite if the wiring tests miss
-it) and prints which test failed first. A mutation that no test notices is a hole in the tests.
+it) and prints which test failed first. A mutation that no test notices is a hole in the tests. A test
+that fails without any mutation (run once on an unmutated copy) never counts as a catch.
 
     python scripts/wiring_mutations.py            # all 41 (3.5 minutes on 2 idle CPU cores, 2026-12-02)
     python scripts/wiring_mutations.py --only 3   # one of them
@@ -103,11 +104,23 @@ MUTATIONS = [
 SELF_CHECK = "tests/test_scripts.py::test_every_mutation_still_finds_its_line_exactly_once"
 
 
-def run(folder, tests):
-    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
-                             "--deselect", SELF_CHECK, *tests], cwd=folder, capture_output=True, text=True)
+def copy_of_repository(folder, tracked):
+    for path in tracked:
+        (Path(folder) / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / path, Path(folder) / path)
+
+
+def failing_tests(folder, tests, deselect=(), first_only=True):
+    """The tests (names) that fail or error in `folder`; with first_only, pytest stops at the first."""
+    options = ["-x"] if first_only else []
+    for name in (SELF_CHECK, *deselect):
+        options += ["--deselect", name]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *options, tests],
+                            cwd=folder, capture_output=True, text=True)
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.MULTILINE)
-    return result.returncode, failed[0] if failed else None
+    if result.returncode not in (0, 1) and not failed:  # pytest itself failed (usage, collection, crash)
+        failed = [f"pytest exit code {result.returncode}"]
+    return failed
 
 
 def main():
@@ -118,26 +131,32 @@ def main():
     chosen = list(enumerate(MUTATIONS, 1))
     if args.only:
         chosen = [chosen[args.only - 1]]
+    baseline = {}  # tests -> what fails without any mutation: never counted as a catch
+
+    def failing_unmutated(tests):
+        if tests not in baseline:
+            with tempfile.TemporaryDirectory() as folder:
+                copy_of_repository(folder, tracked)
+                baseline[tests] = failing_tests(folder, tests, first_only=False)
+            if baseline[tests]:
+                print(f"without any mutation these fail, left out below: {', '.join(baseline[tests])}", flush=True)
+        return baseline[tests]
+
     holes = 0
     for number, (name, old, new) in chosen:
         with tempfile.TemporaryDirectory() as folder:
-            for path in tracked:
-                (Path(folder) / path).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(REPO / path, Path(folder) / path)
+            copy_of_repository(folder, tracked)
             source = (Path(folder) / name).read_text()
             if source.count(old) != 1:
                 print(f"{number:2d} {name}: the line to mutate is not there exactly once: {old!r}")
                 holes += 1
                 continue
             (Path(folder) / name).write_text(source.replace(old, new))
-            code, failed = run(folder, ["tests/test_wiring.py"])
-            where = "wiring"
-            if code == 0:
-                code, failed = run(folder, ["tests"])
-                where = "suite"
-        caught = code != 0
-        holes += not caught
-        print(f"{number:2d} {name}: {new.strip()[:90]!r}\n   -> {'caught by ' + where + ': ' + str(failed) if caught else 'NOT CAUGHT'}",
+            where, failed = "wiring", failing_tests(folder, "tests/test_wiring.py", failing_unmutated("tests/test_wiring.py"))
+            if not failed:
+                where, failed = "suite", failing_tests(folder, "tests", failing_unmutated("tests"))
+        holes += not failed
+        print(f"{number:2d} {name}: {new.strip()[:90]!r}\n   -> {'caught by ' + where + ': ' + failed[0] if failed else 'NOT CAUGHT'}",
               flush=True)
     print(f"{len(chosen) - holes} of {len(chosen)} mutations caught")
     return 1 if holes else 0

@@ -160,6 +160,7 @@ def test_batches_depend_only_on_seed_and_step():
 
 
 @pytest.mark.parametrize("argv", [["--alpha", "1.5"], ["--data", "nope"], ["--data", "folder"]])
+@pytest.mark.filterwarnings("error")  # a warning would be a second line on a real command's stderr
 def test_bad_settings_are_one_clear_line(argv, tmp_path, capsys):
     assert il2vseg.main(["--train", "--weights", "random", "--out", str(tmp_path)] + argv) == 1
     err = capsys.readouterr().err
