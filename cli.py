@@ -88,7 +88,7 @@ def parse_args(argv=None):
     a.add_argument("--out", default=None, help="folder for checkpoint.pt, metrics.json and images (default: runs/DATA)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)} (synthetic is built in; "
-                   f"--eval, --predict and --resume take the checkpoint's)")
+                   f"--eval, --predict, --explain and --resume take the checkpoint's)")
     d.add_argument("--data-root", default=None, help="root folder of the data set (not needed for synthetic)")
     d.add_argument("--n-classes", type=int, default=None, help="number of classes K (needed for --data folder)")
     d.add_argument("--train-split", default="train", help="split used for training")
@@ -217,7 +217,7 @@ def typed_flags(parser, argv):
 # the trained model's settings that --eval / --predict take from its checkpoint unless the command line gives
 # them: the head's width, and F^l (for --eval-alpha) as in training
 FROM_CHECKPOINT = ("dim", "fcm_m", "fcm_sigma", "fcm_iters", "affinity", "radius")
-# what --eval, --predict and --resume take from the checkpoint they read when the command line is silent
+# what --eval, --predict, --explain and --resume take from the checkpoint they read when the command line is silent
 CARRIED = ("weights", "arch", "data", "data_root", "n_classes", "crop", "eval_crop")
 # what a checkpoint written before a setting existed was trained with
 LEGACY = {"affinity": "global"}
@@ -259,11 +259,11 @@ def checkpoint_to_read(cfg):
 
 
 def carry_settings(cfg, log=print):
-    """--eval, --predict, --resume: every CARRIED setting (--resume: also every one of RESUME_MUST_MATCH)
+    """--eval, --predict, --explain, --resume: every CARRIED setting (--resume: also every one of RESUME_MUST_MATCH)
     the command line left unset comes from the checkpoint's config, said in one line; a typed --weights or
     --arch that cannot work with the checkpoint is one line naming the flag that fixes it. A missing
     checkpoint is left to its loader."""
-    if not (cfg.resume or (not cfg.train and (cfg.eval or cfg.predict))):
+    if not (cfg.resume or (not cfg.train and (cfg.eval or cfg.predict or cfg.explain))):
         return cfg
     path = checkpoint_to_read(cfg)
     if not path.is_file():
@@ -313,8 +313,6 @@ def resolve_defaults(cfg, device):
             setattr(cfg, key, value)
     if cfg.data not in data.DATASETS:
         raise ValueError(f"--data {cfg.data}: unknown data set, choose one of {', '.join(data.DATASETS)}")
-    if cfg.ablation and (cfg.eval or cfg.predict or cfg.explain or cfg.resume):
-        raise ValueError("--ablation trains and evaluates every setting itself: use it without --eval, --predict, --explain and --resume")
     if not (cfg.use_smo or cfg.use_fs or cfg.use_reg or cfg.use_corr):
         raise ValueError("every loss term is switched off (--no-smo --no-fs --no-reg --no-corr): nothing to train")
     if cfg.data == "folder" and not cfg.n_classes:
@@ -400,9 +398,9 @@ def check_conflicts(cfg):
         if getattr(cfg, key) == "":
             raise ValueError(f"--{key.replace('_', '-')} is empty (\"\"): give a path")
     training = cfg.train or cfg.resume
-    if cfg.ablation and (cfg.eval or cfg.predict or cfg.resume or cfg.checkpoint or cfg.calibrate):
+    if cfg.ablation and (cfg.eval or cfg.predict or cfg.explain or cfg.resume or cfg.checkpoint or cfg.calibrate):
         raise ValueError("--ablation trains and evaluates every setting itself: use it without --eval, --predict, "
-                         "--resume, --checkpoint and --calibrate")
+                         "--explain, --resume, --checkpoint and --calibrate")
     if cfg.calibrate and (training or cfg.eval or cfg.predict):
         raise ValueError("--calibrate measures the loss shifts and stops: run it alone, then --train")
     if training and cfg.checkpoint:
@@ -481,22 +479,16 @@ def explain_images(cfg):
 
 
 def trained_checkpoint(cfg, datasets):
-    """--eval / --predict: the checkpoint (--checkpoint, or OUT/checkpoint.pt), checked before any weights
-    load: its --arch, its clusters against the data set's classes, random against real backbone weights.
-    Its head width and F^l's settings are taken (take_from_checkpoint); cfg.checkpoint is set to its path."""
+    """--eval / --predict / --explain: the checkpoint (--checkpoint, or OUT/checkpoint.pt), checked before any
+    weights load: its clusters against the data set's classes (its --arch and random against real weights:
+    carry_settings). Its head width and F^l's settings are taken (take_from_checkpoint); cfg.checkpoint is
+    set to its path."""
     path = cfg.checkpoint = Path(cfg.checkpoint or Path(cfg.out) / "checkpoint.pt")
     state = checkpoints.load_checkpoint(path)
     trained = state["config"]
-    if trained.get("arch", cfg.arch) != cfg.arch:
-        raise checkpoints.CheckpointError(f"{path} was trained on --arch {trained['arch']}, this run asks for "
-                                          f"--arch {cfg.arch}: pass --arch {trained['arch']} or omit --arch")
     take_from_checkpoint(cfg, trained, path)
     weights = trained.get("weights")
-    if weights != cfg.weights and "random" in (weights, cfg.weights):
-        fix = "pass --weights random or omit --weights" if weights == "random" else "omit --weights"
-        raise checkpoints.CheckpointError(f"{path} was trained on --weights {weights or '(torch.hub)'}, "
-                                          f"this run loads {cfg.weights or '(torch.hub)'}: {fix}")
-    if weights != cfg.weights:
+    if weights != cfg.weights:  # two real weight files (one random is refused by carry_settings)
         print(f"note: {path} was trained on the backbone weights {weights or '(torch.hub)'}; this run loads "
               f"{cfg.weights or '(torch.hub)'}")
     if cfg.eval and state["n_clusters"] != datasets[1].n_classes:

@@ -16,10 +16,15 @@ evaluate.py; the flags are cli.py; checkpoints and the output folder are checkpo
 """
 import copy
 import functools
+import importlib.util
 import signal
 import sys
 import time
 from pathlib import Path
+
+REQUIREMENTS = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "scipy": "scipy"}  # module: its pip package
+if __name__ == "__main__" and (missing := [p for m, p in REQUIREMENTS.items() if not importlib.util.find_spec(m)]):
+    sys.exit(f"error: {', '.join(missing)} not installed for {sys.executable}: pip install -r requirements.txt first (README)")
 
 import numpy as np
 import torch

@@ -24,6 +24,22 @@ def test_cli_missing_weight_file_is_one_clear_line(tmp_path):
     assert len(lines) == 1 and "missing.pth: no such file" in lines[0] and "hub/checkpoints" in lines[0]
 
 
+def test_missing_requirements_are_one_line_for_the_command_and_for_pytest(tmp_path, monkeypatch):
+    """`python il2vseg.py` and `pytest` in a Python without the requirements (-S: no site-packages)."""
+    result = subprocess.run([sys.executable, "-S", str(REPO / "il2vseg.py"), "--train"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: torch, numpy, pillow, scipy not installed for {sys.executable}: "
+                                     "pip install -r requirements.txt first (README)")
+    import importlib.util
+
+    import conftest
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a))
+    with pytest.raises(pytest.exit.Exception, match="pillow not installed for .*pip install -r requirements.txt"):
+        conftest.pytest_configure(None)
+
+
 def test_help_documents_every_flag_with_its_default():
     """`python il2vseg.py --help`, as a command in its own process."""
     result = subprocess.run([sys.executable, str(REPO / "il2vseg.py"), "--help"],

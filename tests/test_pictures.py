@@ -160,11 +160,13 @@ def test_explain_command_runs_end_to_end_on_a_random_checkpoint(tmp_path, capsys
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.fromarray((np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)).save(folder / "noise.png")
-    common = ["--explain", str(folder), "--checkpoint", str(tmp_path / "checkpoint.pt"), "--weights", "random",
-              "--eval-crop", "32", "--fcm-iters", "3"]
+    common = ["--explain", str(folder), "--checkpoint", str(tmp_path / "checkpoint.pt"), "--eval-crop", "32",
+              "--fcm-iters", "3"]  # no --weights: --explain takes the checkpoint's, as --eval and --predict do
     assert il2vseg.main(common) == 0
     picture = np.asarray(Image.open(tmp_path / "explain" / "noise.png"))
     assert picture.shape[1] == 5 * 48 + 4 * pictures.GAP  # 40 x 56 read at a short side of 32: 32 x 48 (stride 8)
-    assert "wrote 1 pictures of the stages" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(the command line did not give them): weights random" in printed
+    assert "wrote 1 pictures of the stages" in printed
     assert il2vseg.main(common + ["--explain-pixel", "99,0"]) == 1
     assert "noise.png: --explain-pixel 99,0 lies outside the image" in capsys.readouterr().err
