@@ -498,13 +498,14 @@ def trained_checkpoint(cfg, datasets):
 
 
 @contextlib.contextmanager
-def output_folder(cfg, predict_set=None, log=print):
-    """`with output_folder(cfg, predict_set):` --out is writable with room for a checkpoint, no other il2vseg
+def output_folder(cfg, predict_set=None, explain_set=None, log=print):
+    """`with output_folder(cfg, predict_set, explain_set):` --out is writable with room for a checkpoint, no other il2vseg
     run uses it (a lock held for the block; temporary files a killed save left there are removed), and
     nothing an earlier run wrote is replaced without --overwrite: --train refuses a folder that holds
     another run's checkpoint (also with --resume of another file); an evaluation or prediction that would
-    replace an earlier run's metrics.json, pictures or masks goes to OUT/eval-N/ or OUT/predictions-N/
-    instead, said in one line. Sets cfg.eval_out and cfg.predict_out, where they go."""
+    replace an earlier run's metrics.json, pictures, masks or --explain pictures goes to OUT/eval-N/,
+    OUT/predictions-N/ or OUT/explain-N/ instead, said in one line. Sets cfg.eval_out, cfg.predict_out and
+    cfg.explain_out, where they go."""
     checkpoints.check_output_folder(cfg.out)
     with checkpoints.OutputLock(cfg.out):
         checkpoints.remove_stale_temporaries(cfg.out, log)
@@ -526,19 +527,29 @@ def output_folder(cfg, predict_set=None, log=print):
                 raise checkpoints.CheckpointError(f"--out {cfg.out} already holds runs of --ablation {cfg.ablation} "
                                                   f"({earlier[0]}{more}): replace them with --overwrite, or choose "
                                                   f"another --out")
-        cfg.eval_out, cfg.predict_out = str(out), str(out / "predictions")
+        cfg.eval_out = str(out)
         earlier = (out / "metrics.json").exists() or any((out / "side_by_side").glob("*.png"))
         if (cfg.train or cfg.eval) and not cfg.ablation and earlier and not own and not cfg.overwrite:
             cfg.eval_out = str(out / f"eval-{checkpoints.first_free(out, ['eval'])}")
             log(f"note: {out} holds an earlier run's metrics.json or pictures: this evaluation writes to "
                 f"{cfg.eval_out} (--overwrite replaces them instead)")
-        if predict_set is not None and not cfg.overwrite and any(
-                (out / "predictions" / f"{sample['name']}_{kind}.png").exists()
-                for sample in predict_set.samples for kind in ("mask", "overlay")):
-            cfg.predict_out = str(out / f"predictions-{checkpoints.first_free(out, ['predictions'])}")
-            log(f"note: {out / 'predictions'} holds masks of the same names from an earlier run: these go to "
-                f"{cfg.predict_out} (--overwrite replaces them instead)")
+        cfg.predict_out = beside_earlier(out, "predictions", [f"{sample['name']}_{kind}.png" for sample in
+                                         getattr(predict_set, "samples", []) for kind in ("ids", "mask", "overlay")],
+                                         cfg.overwrite, log)
+        cfg.explain_out = beside_earlier(out, "explain", [f"{sample['name']}.png" for sample in
+                                         getattr(explain_set, "samples", [])], cfg.overwrite, log)
         yield
+
+
+def beside_earlier(out, folder, names, overwrite, log=print):
+    """OUT/FOLDER, or OUT/FOLDER-N (said in one line) when OUT/FOLDER holds a file of `names` that an earlier
+    run wrote and --overwrite is not given."""
+    if overwrite or not any((out / folder / name).exists() for name in names):
+        return str(out / folder)
+    free = str(out / f"{folder}-{checkpoints.first_free(out, [folder])}")
+    log(f"note: {out / folder} holds files of the same names from an earlier run: these go to {free} "
+        f"(--overwrite replaces them instead)")
+    return free
 
 
 def out_of_memory(error):

@@ -569,7 +569,7 @@ def run(cfg, progress):
     datasets, predict_set = cli.build_datasets(cfg)              # every file checked before any weights load
     explain_set = cli.explain_images(cfg)
     trained = None if cfg.train or cfg.ablation or cfg.calibrate else cli.trained_checkpoint(cfg, datasets)
-    with cli.output_folder(cfg, predict_set):                    # writable, locked, nothing overwritten
+    with cli.output_folder(cfg, predict_set, explain_set):       # writable, locked, nothing overwritten
         backbone = backbones.load_backbone(cfg.arch, cfg.weights, seed=cfg.seed).to(device)
         if cfg.calibrate:
             neighbours = pairs.neighbours_for_run(cfg, backbone, datasets[0], device) if cfg.knn else None
@@ -588,7 +588,7 @@ def run(cfg, progress):
             predict_folder(backbone, model, cfg, device, predict_set, Path(cfg.predict_out))
         if cfg.explain:
             trained_cfg = trained["config"] if trained else vars(cfg)
-            explain_folder(backbone, model, cfg, device, explain_set, Path(cfg.out) / "explain",
+            explain_folder(backbone, model, cfg, device, explain_set, Path(cfg.explain_out),
                            trained_cfg.get("alpha", cfg.alpha), trained_cfg.get("align", cfg.align))
 
 

@@ -17,6 +17,7 @@ import torch
 
 import checkpoints
 import pictures
+from layouts import IMAGE_SUFFIXES
 
 
 def palette(n):
@@ -50,8 +51,10 @@ def image_to_uint8(image):
 
 
 def safe_stem(name):
-    """A file-name stem from an item name (path separators replaced)."""
-    return Path(str(name).replace("/", "_").replace("\\", "_")).stem
+    """A file-name stem from an item name: path separators replaced, an image suffix dropped (one.png ->
+    one), every other dot kept (photo.v1 and photo.v2 are two images: data.output_names)."""
+    flat = Path(str(name).replace("/", "_").replace("\\", "_"))
+    return flat.stem if flat.suffix.lower() in IMAGE_SUFFIXES else flat.name
 
 
 def save_side_by_side(path, image, label, preds, captions=None, class_names=None):

@@ -111,10 +111,13 @@ def test_predictions_of_files_with_the_same_stem_do_not_collide(tmp_path, capsys
     photos.mkdir()
     Image.new("RGB", (48, 40), (200, 30, 30)).save(photos / "photo.png")
     Image.new("RGB", (48, 40), (30, 30, 200)).save(photos / "photo.jpg")
+    Image.new("RGB", (48, 40), (30, 200, 30)).save(photos / "photo.v1.png")  # dots inside a name stay
+    Image.new("RGB", (48, 40), (90, 90, 90)).save(photos / "photo.v2.png")
     assert il2vseg.main(["--predict", str(photos), "--out", str(out)] + TINY) == 0
     masks = sorted(p.name for p in (out / "predictions").glob("*_mask.png"))
-    assert len(masks) == 2 and len(set(masks)) == 2
-    assert "wrote 6 files for 2 images" in capsys.readouterr().out  # ids, mask, overlay each
+    assert len(masks) == 4 and "photo.v1_mask.png" in masks and "photo.v2_mask.png" in masks
+    assert len(list((out / "predictions").glob("*.png"))) == 12  # ids, mask, overlay each
+    assert "wrote 12 files for 4 images" in capsys.readouterr().out
 
 
 # -------------------------------------------------------------------------------- poisoned numbers

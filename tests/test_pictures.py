@@ -168,5 +168,9 @@ def test_explain_command_runs_end_to_end_on_a_random_checkpoint(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "(the command line did not give them): weights random" in printed
     assert "wrote 1 pictures of the stages" in printed
+    first = (tmp_path / "explain" / "noise.png").read_bytes()  # a second --explain never replaces it
+    assert il2vseg.main(common + ["--explain-pixel", "0,0"]) == 0
+    assert f"these go to {tmp_path / 'explain-2'}" in capsys.readouterr().out
+    assert (tmp_path / "explain" / "noise.png").read_bytes() == first and (tmp_path / "explain-2" / "noise.png").is_file()
     assert il2vseg.main(common + ["--explain-pixel", "99,0"]) == 1
     assert "noise.png: --explain-pixel 99,0 lies outside the image" in capsys.readouterr().err

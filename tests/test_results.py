@@ -149,3 +149,8 @@ def test_mask_and_overlay(tmp_path):
     assert (overlay[:, 2] == 128).all()  # -1 pixels show the plain image
     expected = np.round(0.5 * 128 + 0.5 * mask[0, 0].astype(np.float32)).astype(np.uint8)
     assert np.array_equal(overlay[0, 0], expected)
+
+
+def test_safe_stem_drops_only_an_image_suffix_and_the_path():
+    assert results.safe_stem("dir/one.png") == "dir_one" and results.safe_stem("a\\b.JPG") == "a_b"
+    assert results.safe_stem("photo.v1") == "photo.v1" != results.safe_stem("photo.v2")  # two images, two names
