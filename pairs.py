@@ -22,7 +22,6 @@ Two things the paper leaves to its bases, SmooSeg and STEGO, both measured from 
    histograms with their quantiles, the proposal and the published shifts.
 """
 import copy
-import io
 import json
 import math
 import time
@@ -38,6 +37,7 @@ import checkpoints
 import data
 import evaluate
 import losses
+import pictures
 import results
 
 # --------------------------------------------------------------------------------------------
@@ -255,10 +255,7 @@ def draw_histograms(measured, rows, path, title, width=360, height=200):
         pen.text((left + margin, top + 6), f"{name}: {rows[name]['pairs']}", fill="black", font=font)
         pen.text((left + margin, top + 18), f"same cluster {rows[name]['same_cluster']:.1%}, proposed "
                  f"{rows[name]['proposed']:+.3f}, peers {rows[name]['peers']:+.3f}", fill="black", font=font)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    checkpoints.write_atomic(path, buffer.getvalue())  # atomic, as every file written
-    return path
+    return pictures.save_png(path, np.asarray(picture))  # atomic, as every file written
 
 
 def settle_shifts(cfg, backbone, dataset, neighbours, device, log=print):

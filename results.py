@@ -119,11 +119,16 @@ PROBES = {"kmeans": "cosine k-means on the codes, Hungarian-matched to the class
           "centres": "argmax over the trained global centres, Hungarian-matched to the classes"}
 
 
+def probe_lines(probes):
+    """One line per probe of `probes` (names) saying what it is."""
+    return [f"{name}: {PROBES[name]}" for name in PROBES if name in probes]
+
+
 def table_notes(probes, eval_alpha=0.0):
     """The lines under a result table: units, symbols, what each probe is and whether eq (13) was fused in."""
     lines = [f"IoU per class, pixel accuracy (Acc) and mIoU, in %; {NO_PIXELS}: no labelled pixel; "
              f"{CRF_OFF}: CRF not run (--no-crf); +CRF: after the dense CRF"]
-    lines += [f"{name}: {PROBES[name]}" for name in PROBES if name in probes]
+    lines += probe_lines(probes)
     lines.append(f"--eval-alpha {eval_alpha}: " + ("F^l fused into the prediction, eq (13)" if eval_alpha > 0
                                                    else "no low-level cue in the prediction"))
     return lines
@@ -158,7 +163,7 @@ def format_ablation(title, rows, header_lines=()):
         table.append([name] + [CRF_OFF if c is None else f"{percent(c.get('acc'))} / {percent(c.get('miou'))}"
                                for c in cells])
     notes = [f"Acc / mIoU in %; {NO_PIXELS}: no labelled pixel; {CRF_OFF}: CRF not run"]
-    notes += [f"{name}: {PROBES[name]}" for name in PROBES if name in probes]
+    notes += probe_lines(probes)
     return "\n".join([title, *header_lines, *notes, *aligned(table)])
 
 
